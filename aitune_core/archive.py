@@ -1,0 +1,322 @@
+"""``aitune-archive``: build a backend from a model, check its accuracy, and pack it into a .mar.
+
+The one place that knows both the model and the packaging. Everything is staged in a
+temporary folder inside the export path and the finished .mar is moved into place last, so a
+failure at any step leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aitune_core.accuracy import CUSTOM_CONFIG_MIN_COSINE, DEFAULT_MIN_COSINE, Accuracy, compare_outputs
+from aitune_core.backend import Backend
+from aitune_core.backends import BACKENDS, QUANTIZATIONS, make_backend
+from aitune_core.backends.torchao import CHECKPOINT_WEIGHTS, quantization_name
+from aitune_core.checkpoint import CHECKPOINT_NAME, MANIFEST_NAME, save_checkpoint, write_manifest
+from aitune_core.errors import AITuneError, ArchiveError
+from aitune_core.graph_spec import GraphSpec, Sample
+from aitune_core.modules import load_module_class, load_weights
+
+logger = logging.getLogger(__name__)
+
+HANDLER_FILE = "aitune_handler.py"
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclasses.dataclass
+class ArchiveOptions:
+    """What to archive and how; the CLI's flags, one field each."""
+
+    model_name: str
+    model_file: Path
+    sample: Path
+    model_class: str | None = None
+    model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    weights: Path | None = None
+    backend: str = "torchao"
+    quantization: str | None = None
+    checkpoint_weights: str = "quantized"
+    device: str = "cpu"
+    export_path: Path = Path("model_store")
+    version: str = "1.0"
+    config_file: Path | None = None
+    min_cosine: float | None = None
+    force: bool = False
+    archive_format: str = "default"
+
+
+@dataclasses.dataclass
+class ArchiveResult:
+    """What was archived, with the figures the summary shows."""
+
+    archive_path: Path
+    backend: str
+    quantization: str | None
+    accuracy: Accuracy
+    min_cosine: float
+    archive_bytes: int
+    fp32_weight_bytes: int
+    build_seconds: float
+
+
+def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = logger.info) -> ArchiveResult:
+    """Build, check and pack ``options.model_file`` into ``EXPORT/NAME.mar``.
+
+    Raises ArchiveError (or a ValueError / FileNotFoundError naming the input) on any bad input
+    or a model below the accuracy threshold; nothing is written in the export path then.
+    """
+    backend, target = _check_options(options)
+    archive_path = _archive_path(options)
+
+    progress(f"Importing {options.model_file}")
+    module_class = load_module_class(options.model_file, options.model_class)
+    try:
+        module = module_class(**options.model_kwargs).eval()
+    except TypeError as error:
+        raise ArchiveError(f"Cannot make {module_class.__name__}(**{options.model_kwargs}): {error}") from None
+
+    if options.weights is None:
+        logger.warning("No --weights given: %s keeps the weights of its own initialisation", module_class.__name__)
+        progress(f"No --weights: {module_class.__name__} keeps its own initialisation")
+    else:
+        progress(f"Loading weights {options.weights}")
+        load_weights(module, _load_file(options.weights, "--weights"), assign=False)
+
+    sample = _load_sample(options.sample)
+    progress(f"Recording inputs and outputs on {options.sample}")
+    with torch.inference_mode():
+        try:
+            reference = sample.run(module)
+            graph_spec = GraphSpec.from_samples(module, [sample])
+        except Exception as error:
+            raise ArchiveError(f"The model cannot run the sample {options.sample}: {type(error).__name__}: {error}") from None
+
+    progress(f"Building {backend.name} on {target}")
+    started = time.perf_counter()
+    backend.build(module, graph_spec, [sample], target)
+    build_seconds = time.perf_counter() - started
+
+    accuracy = compare_outputs(reference, sample.run(backend.infer))
+    quant = None if options.backend == "eager" else quantization_name(backend.config.quantization_config)
+    min_cosine = options.min_cosine if options.min_cosine is not None else DEFAULT_MIN_COSINE.get(
+        quant or "eager", CUSTOM_CONFIG_MIN_COSINE)
+    progress(f"Accuracy against the original: cosine {accuracy.cosine:.6f}, max abs error {accuracy.max_abs_error:.3g}")
+    if not accuracy.cosine >= min_cosine:
+        raise ArchiveError(
+            f"Accuracy check failed: cosine {accuracy.cosine:.6f} < required {min_cosine} "
+            f"(missed by {min_cosine - accuracy.cosine:.6f}); try another quantization, or accept it with "
+            "--min-cosine"
+        )
+
+    progress(f"Packing {archive_path}")
+    manifest = {
+        "model_name": options.model_name,
+        "backend": backend.name,
+        "describe": backend.describe(),
+        "key": backend.key(),
+        "quantization": quant,
+        "config": backend.config.to_dict(),
+        "model": {"file": options.model_file.name, "class": module_class.__name__, "kwargs": options.model_kwargs},
+        "checkpoint": CHECKPOINT_NAME,
+        "graph_spec": graph_spec.to_dict(),
+        "versions": _versions(),
+        "build_device": str(target),
+        "accuracy": {**accuracy.to_dict(), "min_cosine": min_cosine},
+    }
+    _package(options, backend, manifest, archive_path)
+    return ArchiveResult(
+        archive_path=archive_path,
+        backend=backend.name,
+        quantization=quant,
+        accuracy=accuracy,
+        min_cosine=min_cosine,
+        archive_bytes=_size(archive_path),
+        fp32_weight_bytes=sum(t.numel() * t.element_size() for t in module.state_dict().values()),
+        build_seconds=build_seconds,
+    )
+
+
+def _check_options(options: ArchiveOptions) -> tuple[Backend, torch.device]:
+    """Fail fast, before any work, on inputs that cannot succeed."""
+    if not _MODEL_NAME.match(options.model_name):
+        raise ArchiveError(f"--model-name {options.model_name!r} must be letters, digits, '_', '-' or '.'")
+    for flag, path in (("--model-file", options.model_file), ("--sample", options.sample),
+                       ("--weights", options.weights), ("--config-file", options.config_file)):
+        if path is not None and not Path(path).is_file():
+            raise ArchiveError(f"{flag} {path} does not exist")
+    if not isinstance(options.model_kwargs, dict):
+        raise ArchiveError(f"--model-kwargs must be a JSON object, got {options.model_kwargs!r}")
+    backend = make_backend(options.backend, options.quantization, options.checkpoint_weights)
+    return backend, backend.check_device(options.device)
+
+
+def _archive_path(options: ArchiveOptions) -> Path:
+    suffix = "" if options.archive_format == "no-archive" else ".mar"
+    path = Path(options.export_path) / f"{options.model_name}{suffix}"
+    if path.exists() and not options.force:
+        raise ArchiveError(f"{path} already exists: use --force to replace it")
+    return path
+
+
+def _load_file(path: Path, flag: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+        raise ArchiveError(f"{flag} {path} cannot be read with torch.load(weights_only=True): {reason}") from None
+
+
+def _load_sample(path: Path) -> Sample:
+    try:
+        return Sample.of(_load_file(path, "--sample"))
+    except TypeError as error:
+        raise ArchiveError(f"--sample {path}: {error}") from None
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    import torchao
+
+    return {"torch": str(torch.__version__), "torchao": torchao.__version__,
+            "aitune-torchserve": version("aitune-torchserve"), "python": sys.version.split()[0]}
+
+
+def handler_path() -> Path:
+    """The handler file that goes into every archive."""
+    candidates = [Path(__file__).resolve().parents[1] / "handler" / HANDLER_FILE,
+                  Path(sys.prefix) / "share" / "aitune-torchserve" / HANDLER_FILE]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ArchiveError(f"The handler {HANDLER_FILE} is not installed: looked in {', '.join(map(str, candidates))}")
+
+
+def _package(options: ArchiveOptions, backend: Backend, manifest: dict[str, Any], archive_path: Path) -> None:
+    """Stage checkpoint, model file and manifest, run torch-model-archiver, move the result into place."""
+    export_path = Path(options.export_path)
+    export_path.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{options.model_name}-", dir=export_path))
+    try:
+        files = staging / "files"
+        files.mkdir()
+        checkpoint = files / CHECKPOINT_NAME
+        save_checkpoint(backend.to_dict(), checkpoint)
+        model_file = files / options.model_file.name
+        shutil.copyfile(options.model_file, model_file)
+        write_manifest(files, manifest, [checkpoint, model_file])
+        command = [
+            sys.executable, "-m", "model_archiver.model_packaging",
+            "--model-name", options.model_name, "--version", options.version,
+            "--handler", str(handler_path()), "--serialized-file", str(checkpoint),
+            "--extra-files", f"{model_file},{files / MANIFEST_NAME}",
+            "--export-path", str(staging), "--archive-format", options.archive_format,
+        ]
+        if options.config_file is not None:
+            command += ["--config-file", str(options.config_file)]
+        # The archiver stages in $TMPDIR/<model-name>: a private TMPDIR keeps parallel runs apart.
+        env = {**os.environ, "TMPDIR": str(staging)}
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            lines = (done.stderr or done.stdout).strip().splitlines()
+            raise ArchiveError(f"torch-model-archiver failed: {lines[-1] if lines else done.returncode}")
+        built = staging / archive_path.name
+        if archive_path.is_dir():
+            shutil.rmtree(archive_path)
+        os.replace(built, archive_path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
+
+
+def summary_table(result: ArchiveResult) -> str:
+    """The short table the CLI prints at the end."""
+    rows = [
+        ("archive", str(result.archive_path)),
+        ("backend", result.backend),
+        ("quantization", result.quantization or "none"),
+        ("accuracy", f"cosine {result.accuracy.cosine:.6f} (gate {result.min_cosine}), "
+                     f"max abs error {result.accuracy.max_abs_error:.3g}"),
+        ("archive size", f"{result.archive_bytes / 1e6:.2f} MB = {result.archive_bytes / max(result.fp32_weight_bytes, 1):.2f}x "
+                         f"the fp32 weights ({result.fp32_weight_bytes / 1e6:.2f} MB)"),
+        ("build time", f"{result.build_seconds:.2f} s"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+
+def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
+    """The CLI's flags as ArchiveOptions."""
+    parser = argparse.ArgumentParser(
+        prog="aitune-archive",
+        description="Build a model with an AITune-style backend, check its accuracy and pack it into a .mar",
+    )
+    parser.add_argument("--model-name", required=True)
+    parser.add_argument("--model-file", required=True, type=Path)
+    parser.add_argument("--model-class")
+    parser.add_argument("--model-kwargs", default="{}", help="JSON object passed to the model class")
+    parser.add_argument("--weights", type=Path, help="state_dict saved with torch.save")
+    parser.add_argument("--sample", required=True, type=Path,
+                        help="torch.save file: a tensor, a tuple/list of tensors, or (args tuple, kwargs dict)")
+    parser.add_argument("--backend", default="torchao", choices=sorted(BACKENDS))
+    parser.add_argument("--quantization", choices=sorted(QUANTIZATIONS), help="torchao only; default int8wo")
+    parser.add_argument("--checkpoint-weights", default="quantized", choices=CHECKPOINT_WEIGHTS,
+                        help="store quantized weights (fast start) or the original ones (quantize at start)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda:N: where the backend is built")
+    parser.add_argument("--export-path", default=Path("model_store"), type=Path)
+    parser.add_argument("--version", default="1.0")
+    parser.add_argument("--config-file", type=Path, help="model-config.yaml for TorchServe (batchSize, ...)")
+    parser.add_argument("--min-cosine", type=float, help="accuracy gate; default per quantization")
+    parser.add_argument("--archive-format", default="default", choices=["default", "no-archive", "zip-store"])
+    parser.add_argument("--force", action="store_true", help="replace an existing archive")
+    args = parser.parse_args(argv)
+    try:
+        model_kwargs = json.loads(args.model_kwargs)
+    except json.JSONDecodeError as error:
+        parser.error(f"--model-kwargs is not valid JSON: {error}")
+    if args.backend == "eager" and args.quantization:
+        parser.error("--quantization applies to the torchao backend only")
+    return ArchiveOptions(
+        model_name=args.model_name, model_file=args.model_file, sample=args.sample, model_class=args.model_class,
+        model_kwargs=model_kwargs, weights=args.weights, backend=args.backend, quantization=args.quantization,
+        checkpoint_weights=args.checkpoint_weights, device=args.device, export_path=args.export_path,
+        version=args.version, config_file=args.config_file, min_cosine=args.min_cosine, force=args.force,
+        archive_format=args.archive_format,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script: progress lines, then a summary table; one line and exit 1 on any error."""
+    options = parse_args(argv)
+    try:
+        result = archive_model(options, progress=lambda line: print(f"- {line}", flush=True))
+    except (AITuneError, ValueError, FileNotFoundError) as error:
+        print(f"aitune-archive: error: {error}", file=sys.stderr)
+        return 1
+    print(f"Archived {result.archive_path}\n{summary_table(result)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

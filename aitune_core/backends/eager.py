@@ -1,0 +1,44 @@
+"""TorchEagerBackend: the original module, unchanged. The baseline for accuracy and speed."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aitune_core.backend import Backend, BackendConfig
+from aitune_core.graph_spec import GraphSpec, Sample
+from aitune_core.modules import load_weights, module_on
+
+
+@dataclasses.dataclass
+class TorchEagerBackendConfig(BackendConfig):
+    """The eager backend has nothing to configure."""
+
+
+class TorchEagerBackend(Backend):
+    """Runs the module as it is, in eval mode, on the chosen device."""
+
+    def __init__(self, config: TorchEagerBackendConfig | None = None) -> None:
+        super().__init__(config or TorchEagerBackendConfig())
+        self._module: torch.nn.Module | None = None
+
+    def _build(self, module: torch.nn.Module, graph_spec: GraphSpec, data: list[Sample],
+               device: torch.device, cache_dir: Path | None) -> None:
+        self._module = module_on(module, device)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Common state plus the module's state_dict."""
+        return {**self._common_state(), "weights": self._module.state_dict()}
+
+    @classmethod
+    def from_dict(cls, module: torch.nn.Module | None, state_dict: dict[str, Any]) -> "TorchEagerBackend":
+        """Load the stored weights into ``module``: CHECKPOINT_LOADED."""
+        cls._check_state(module, state_dict)
+        backend = cls(TorchEagerBackendConfig.from_dict(state_dict["config"]))
+        load_weights(module, state_dict["weights"], assign=False)
+        backend._module = module.eval()
+        backend._restore_common(state_dict)
+        return backend

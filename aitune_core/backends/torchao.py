@@ -1,0 +1,216 @@
+"""TorchAOBackend: quantize a module's Linear layers with torchao.
+
+By default the checkpoint stores the quantized weights (torchao tensor subclasses), so a worker
+start loads them and does not quantize again. ``checkpoint_weights="original"`` keeps the
+seed's behaviour: store the original weights and quantize at deploy, which survives a change
+of torchao version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchao
+from torchao.core.config import AOBaseConfig, config_from_dict, config_to_dict
+from torchao.quantization import (
+    Float8DynamicActivationFloat8WeightConfig,
+    Float8WeightOnlyConfig,
+    Int8DynamicActivationInt8WeightConfig,
+    Int8WeightOnlyConfig,
+    quantize_,
+)
+
+from aitune_core.backend import Backend, BackendConfig, changed_fields
+from aitune_core.devices import cuda_capability
+from aitune_core.errors import CheckpointError, UnsupportedDeviceError
+from aitune_core.graph_spec import GraphSpec, Sample
+from aitune_core.modules import load_weights, module_on
+
+logger = logging.getLogger(__name__)
+
+QUANTIZATIONS: dict[str, type[AOBaseConfig]] = {
+    "int8wo": Int8WeightOnlyConfig,
+    "int8dq": Int8DynamicActivationInt8WeightConfig,
+    "fp8wo": Float8WeightOnlyConfig,
+    "fp8dq": Float8DynamicActivationFloat8WeightConfig,
+}
+DEFAULT_QUANTIZATION = "int8wo"
+CHECKPOINT_WEIGHTS = ("quantized", "original")
+# fp8 matmuls with dynamically quantized activations need Ada/Hopper tensor cores.
+FP8_DYNAMIC_MIN_CAPABILITY = (8, 9)
+
+
+def quantization_config_for(name: str) -> AOBaseConfig:
+    """The torchao config behind a short name (int8wo, int8dq, fp8wo, fp8dq)."""
+    if name not in QUANTIZATIONS:
+        raise ValueError(f"Unknown quantization {name!r}: expected one of {', '.join(QUANTIZATIONS)}")
+    return QUANTIZATIONS[name]()
+
+
+def quantization_name(config: AOBaseConfig) -> str:
+    """The short name when ``config`` is one of the presets as it is, else its class name."""
+    for name, config_class in QUANTIZATIONS.items():
+        if type(config) is config_class and config == config_class():
+            return name
+    return type(config).__name__
+
+
+@dataclasses.dataclass
+class TorchAOBackendConfig(BackendConfig):
+    """Which torchao quantization to apply: a short name or any torchao ``AOBaseConfig``.
+
+    Exactly one of ``quantization`` and ``quantization_config`` must be given.
+    ``checkpoint_weights`` says what ``to_dict`` stores: "quantized" weights (loads fast) or
+    "original" weights (quantized again at deploy; portable across torchao versions).
+    """
+
+    quantization: str | None = None
+    quantization_config: AOBaseConfig | None = None
+    checkpoint_weights: str = "quantized"
+
+    def __post_init__(self) -> None:
+        if self.quantization is not None and self.quantization_config is not None:
+            raise ValueError("Only one of quantization or quantization_config should be provided.")
+        if self.quantization is None and self.quantization_config is None:
+            raise ValueError("Either quantization or quantization_config should be provided.")
+        if self.checkpoint_weights not in CHECKPOINT_WEIGHTS:
+            raise ValueError(
+                f"checkpoint_weights must be one of {', '.join(CHECKPOINT_WEIGHTS)}, "
+                f"got {self.checkpoint_weights!r}"
+            )
+        if self.quantization_config is None:
+            self.quantization_config = quantization_config_for(self.quantization)
+        elif not isinstance(self.quantization_config, AOBaseConfig):
+            raise ValueError(
+                "quantization_config must be a torchao AOBaseConfig, "
+                f"got {type(self.quantization_config).__name__}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: the torchao config through ``config_to_dict``; the short name is not kept."""
+        return {
+            "quantization_config": config_to_dict(self.quantization_config),
+            "checkpoint_weights": self.checkpoint_weights,
+        }
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any]) -> "TorchAOBackendConfig":
+        """Rebuild from ``to_dict()`` through torchao's ``config_from_dict`` (no pickle)."""
+        return cls(
+            quantization_config=config_from_dict(config_dict["quantization_config"]),
+            checkpoint_weights=config_dict.get("checkpoint_weights", "quantized"),
+        )
+
+    def describe(self) -> str:
+        """``quantization_config=Cls(changed fields)``, plus checkpoint_weights when changed."""
+        quant = self.quantization_config
+        text = f"quantization_config={type(quant).__name__}({','.join(changed_fields(quant))})"
+        if self.checkpoint_weights != "quantized":
+            text += f",checkpoint_weights={self.checkpoint_weights!r}"
+        return text
+
+
+def check_device_can_run(config: AOBaseConfig, device: torch.device) -> None:
+    """UnsupportedDeviceError when ``device`` cannot run ``config``, with what it needs."""
+    if not isinstance(config, Float8DynamicActivationFloat8WeightConfig):
+        return
+    capability = cuda_capability(device)
+    if capability is None or capability < FP8_DYNAMIC_MIN_CAPABILITY:
+        found = "not a CUDA GPU" if capability is None else f"compute capability {capability[0]}.{capability[1]}"
+        raise UnsupportedDeviceError(
+            f"Quantization {quantization_name(config)} ({type(config).__name__}) cannot run on {device} "
+            f"({found}): it needs a CUDA GPU with compute capability >= 8.9 (e.g. L4, L40S, H100); "
+            "use int8wo, int8dq or fp8wo here"
+        )
+
+
+def check_torchao_compatible(written_by: str) -> None:
+    """CheckpointError unless quantized weights written by torchao ``written_by`` load here."""
+    if written_by.split(".")[:2] != torchao.__version__.split(".")[:2]:
+        raise CheckpointError(
+            f"The checkpoint holds quantized weights written by torchao {written_by}, but this worker "
+            f"has torchao {torchao.__version__}: re-archive the model with this torchao, or archive it "
+            "with --checkpoint-weights original to quantize at start-up instead"
+        )
+
+
+class TorchAOBackend(Backend):
+    """Backend that quantizes a module with torchao (int8wo, int8dq, fp8wo, fp8dq or any config)."""
+
+    def __init__(self, config: TorchAOBackendConfig | None = None) -> None:
+        super().__init__(config or TorchAOBackendConfig(quantization=DEFAULT_QUANTIZATION))
+        self._module: torch.nn.Module | None = None
+        # The unquantized module, held only while the original weights are still needed.
+        self._orig_module: torch.nn.Module | None = None
+
+    def _check_device(self, device: torch.device) -> None:
+        check_device_can_run(self._config.quantization_config, device)
+
+    def _quantize(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Quantize ``module`` (already on the target device) in place and return it."""
+        before = {name: type(p) for name, p in module.named_parameters()}
+        quantize_(module, self._config.quantization_config)
+        changed = sum(type(p) is not before.get(name) for name, p in module.named_parameters())
+        if changed == 0:
+            logger.warning("%s quantized no weight of %s: it has no layer torchao converts (nn.Linear)",
+                           self.describe(), type(module).__name__)
+        return module
+
+    def _build(self, module: torch.nn.Module, graph_spec: GraphSpec, data: list[Sample],
+               device: torch.device, cache_dir: Path | None) -> None:
+        self._module = self._quantize(module_on(module, device))
+        if self._config.checkpoint_weights == "original":
+            self._orig_module = module
+
+    def _activate(self) -> None:
+        if self._module is None:
+            self._deploy(self._device)
+        else:
+            super()._activate()
+
+    def _deploy(self, device: torch.device) -> None:
+        if self._module is None:
+            # Re-quantize mode: the loaded module is ours, so it is quantized in place.
+            self._module = self._quantize(self._orig_module.to(device))
+            self._orig_module = None
+        else:
+            self._module.to(device)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Common state plus the quantized weights, or the original ones in re-quantize mode."""
+        state = self._common_state()
+        if self._config.checkpoint_weights == "quantized":
+            weights = self._module.state_dict()
+        elif self._orig_module is not None:
+            weights = self._orig_module.state_dict()
+        else:
+            raise RuntimeError(
+                f"Backend {self.name} in re-quantize mode no longer holds the original weights "
+                "(they were quantized in place at deploy): save the checkpoint before deploying"
+            )
+        return {**state, "weights": weights}
+
+    @classmethod
+    def from_dict(cls, module: torch.nn.Module | None, state_dict: dict[str, Any]) -> "TorchAOBackend":
+        """Load a checkpoint into ``module``: CHECKPOINT_LOADED.
+
+        Quantized weights are assigned as they are (no re-quantization) and must come from a
+        compatible torchao; original weights are quantized later, at deploy or activate.
+        """
+        cls._check_state(module, state_dict)
+        config = TorchAOBackendConfig.from_dict(state_dict["config"])
+        backend = cls(config)
+        if config.checkpoint_weights == "quantized":
+            check_torchao_compatible(state_dict["versions"]["torchao"])
+            module.requires_grad_(False)
+            load_weights(module, state_dict["weights"], assign=True)
+            backend._module = module
+        else:
+            load_weights(module, state_dict["weights"], assign=False)
+            backend._orig_module = module
+        backend._restore_common(state_dict)
+        return backend

@@ -1,0 +1,53 @@
+"""TorchServe handler for models archived with aitune-archive.
+
+Thin on purpose: every decision lives in the installed ``aitune_core`` (tested without a
+server). torch-model-archiver copies this file into the .mar; it must define one class.
+"""
+
+import logging
+import time
+
+from ts.torch_handler.base_handler import BaseHandler
+
+from aitune_core.errors import AITuneError
+from aitune_core.serving import answer_batch, load_model, serving_device
+
+logger = logging.getLogger(__name__)
+
+
+class AITuneHandler(BaseHandler):
+    """Deploys the archived backend on the worker's device and answers JSON requests."""
+
+    def initialize(self, context):
+        """Verify and load the archive, deploy on ``cuda:<gpu_id>`` or the CPU, warm up once."""
+        properties = context.system_properties
+        device = serving_device(properties.get("gpu_id"))
+        try:
+            self.backend, self.manifest = load_model(properties["model_dir"], device)
+        except (AITuneError, ValueError, FileNotFoundError) as error:
+            logger.error("AITune: cannot load model %s: %s", context.model_name, error)
+            raise RuntimeError(f"AITune: cannot load model {context.model_name}: {error}") from None
+        self.context = context
+        self.initialized = True
+        logger.info("AITune: model %s ready: %s on %s", context.model_name, self.backend.describe(), device)
+
+    def handle(self, data, context):
+        """Decode and check each request, run one ``infer`` per compatible group, encode."""
+        start = time.perf_counter()
+        requests = [(request, _content_type(context, index)) for index, request in enumerate(data)]
+        replies = answer_batch(self.backend, requests)
+        for index, reply in enumerate(replies):
+            context.set_response_content_type(index, "application/json")
+            if reply.status != 200:
+                context.set_response_status(reply.status, reply.body["error"], idx=index)
+        metrics = context.metrics
+        if metrics is not None:
+            metrics.add_time("AITuneInferenceTime", (time.perf_counter() - start) * 1000, None, "ms")
+            metrics.add_metric("AITuneBatchSize", len(data), "count")
+        return [reply.to_json() for reply in replies]
+
+
+def _content_type(context, index):
+    """The body's Content-Type as TorchServe recorded it, or None for a form-encoded request."""
+    body_headers = context.get_request_header(index, "body")
+    return body_headers.get("content-type") if isinstance(body_headers, dict) else None

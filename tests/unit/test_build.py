@@ -1,0 +1,102 @@
+"""build(): samples run at most once, the GraphSpec, device checks before quantizing."""
+
+import pytest
+import torch
+
+from aitune_core import GraphSpec, Sample, TorchAOBackend, TorchAOBackendConfig, TorchEagerBackend
+from aitune_core.errors import UnsupportedDeviceError
+from models.small import seeded_mlp
+
+
+class RunsEachSampleOnce(torch.nn.Module):
+    """Raises when it sees the same sample twice, like a model with a KV cache would misbehave."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 4)
+        self.seen = set()
+
+    def forward(self, x):
+        key = x.sum().item()
+        if key in self.seen:
+            raise RuntimeError("sample run twice")
+        self.seen.add(key)
+        return self.linear(x)
+
+
+SAMPLES = [torch.randn(2, 8, generator=torch.Generator().manual_seed(seed)) for seed in range(3)]
+
+
+@pytest.mark.parametrize("make", [TorchEagerBackend, TorchAOBackend])
+def test_build_runs_each_sample_at_most_once(make):
+    module = RunsEachSampleOnce()
+    backend = make().build(module, None, SAMPLES, "cpu")
+    assert len(module.seen) == 3
+    assert backend.graph_spec.args[0]["shapes"] == [[2, 8]]
+
+
+@pytest.mark.parametrize("make", [TorchEagerBackend, TorchAOBackend])
+def test_build_with_a_spec_runs_no_sample(make):
+    spec = GraphSpec.from_samples(RunsEachSampleOnce(), SAMPLES)
+    module = RunsEachSampleOnce()
+    make().build(module, spec, SAMPLES, "cpu")
+    assert module.seen == set()
+
+
+def test_build_leaves_the_original_module_unchanged():
+    module = seeded_mlp()
+    before = {name: tensor.clone() for name, tensor in module.state_dict().items()}
+    TorchAOBackend().build(module, None, [torch.randn(2, 32)], "cpu")
+    assert all(type(p) is torch.nn.Parameter for p in module.parameters())
+    assert all(torch.equal(module.state_dict()[name], tensor) for name, tensor in before.items())
+
+
+def test_build_needs_samples():
+    with pytest.raises(ValueError, match="at least one sample"):
+        TorchAOBackend().build(seeded_mlp(), None, [], "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message")
+def test_fp8dq_on_cpu_names_device_quantization_and_need():
+    backend = TorchAOBackend(TorchAOBackendConfig(quantization="fp8dq"))
+    with pytest.raises(UnsupportedDeviceError) as raised:
+        backend.build(seeded_mlp(), None, [torch.randn(2, 32)], "cpu")
+    message = str(raised.value)
+    assert "fp8dq" in message and "cpu" in message and "compute capability >= 8.9" in message
+    assert backend.state.name == "INIT"
+
+
+def test_graph_spec_records_structure_and_dynamic_dims():
+    class TwoInOut(torch.nn.Module):
+        def forward(self, x, tokens, scale=1.0):
+            return {"sum": x.sum(-1) * scale, "pair": (x, tokens.float())}
+
+    samples = [Sample(args=(torch.randn(2, 5), torch.zeros(2, 7, dtype=torch.long)), kwargs={"scale": 2.0}),
+               Sample(args=(torch.randn(3, 5), torch.zeros(3, 9, dtype=torch.long)), kwargs={"scale": 3.0})]
+    spec = GraphSpec.from_samples(TwoInOut(), samples)
+    assert spec.signature == ["x", "tokens", "scale"]
+    assert spec.args[0] == {"kind": "tensor", "dtype": "float32", "shapes": [[2, 5], [3, 5]], "dynamic_dims": [0]}
+    assert spec.args[1]["dtype"] == "int64" and spec.args[1]["dynamic_dims"] == [0, 1]
+    assert spec.kwargs == {"scale": {"kind": "value", "type": "float"}}
+    assert spec.outputs["kind"] == "dict"
+    assert spec.outputs["items"]["pair"]["kind"] == "tuple"
+    assert GraphSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_graph_spec_refuses_disagreeing_samples():
+    class Identity(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    with pytest.raises(ValueError, match="rank"):
+        GraphSpec.from_samples(Identity(), [torch.zeros(2, 3), torch.zeros(2, 3, 4)])
+
+
+@pytest.mark.parametrize("value, args, kwargs", [
+    (torch.ones(1), 1, 0),
+    ((torch.ones(1), torch.ones(1)), 2, 0),
+    (((torch.ones(1),), {"mask": torch.ones(1)}), 1, 1),
+])
+def test_sample_of(value, args, kwargs):
+    sample = Sample.of(value)
+    assert (len(sample.args), len(sample.kwargs)) == (args, kwargs)

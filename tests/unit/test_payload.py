@@ -1,0 +1,134 @@
+"""The REST contract without a server: bodies to tensors, the bad-request catalog, batching."""
+
+import json
+
+import pytest
+import torch
+
+from aitune_core import BadRequestError, GraphSpec, Sample
+from aitune_core.payload import (
+    batch_key,
+    concat_samples,
+    decode_inputs,
+    encode_output,
+    parse_json_body,
+    split_output,
+)
+
+JSON = "application/json"
+
+
+class TwoInputs(torch.nn.Module):
+    def forward(self, x, ids):
+        return x.sum(-1), ids * 2
+
+
+def spec_one():
+    return GraphSpec.from_samples(torch.nn.Linear(4, 2), [torch.zeros(3, 4)])
+
+
+def spec_two():
+    return GraphSpec.from_samples(TwoInputs(), [(torch.zeros(2, 4), torch.zeros(2, 3, dtype=torch.long))])
+
+
+@pytest.mark.parametrize("request_, content_type, expected", [
+    ({"body": [[1, 2]]}, JSON, [[1, 2]]),
+    ({"body": bytearray(b"[[1, 2]]")}, "application/json; charset=utf-8", [[1, 2]]),
+    ({"body": {"inputs": []}}, "Application/JSON", {"inputs": []}),
+])
+def test_parse_json_body(request_, content_type, expected):
+    assert parse_json_body(request_, content_type) == expected
+
+
+@pytest.mark.parametrize("request_, content_type, message", [
+    ({"body": bytearray(b"[[1, 2")}, JSON, "not valid JSON"),
+    ({"body": bytearray(b"")}, JSON, "empty"),
+    ({"body": bytearray(b"\xff\xfe[1]")}, JSON, "not UTF-8"),
+    ({"body": "[[1]]"}, "text/plain", "Content-Type must be application/json, got 'text/plain'"),
+    ({}, None, "not sent as JSON"),
+    ({"body": bytearray(b"[" * 100000 + b"]" * 100000)}, JSON, "nested too deeply|not valid JSON"),
+])
+def test_parse_json_body_errors(request_, content_type, message):
+    with pytest.raises(BadRequestError, match=message):
+        parse_json_body(request_, content_type)
+
+
+def test_one_positional_input():
+    sample = decode_inputs([[1, 2, 3, 4], [5, 6, 7, 8]], spec_one())
+    assert sample.args[0].dtype == torch.float32
+    assert sample.args[0].shape == (2, 4)
+    assert sample.kwargs == {}
+
+
+def test_inputs_object_with_dtypes_from_the_spec():
+    sample = decode_inputs({"inputs": [[[1.5, 2, 3, 4]], [[1, 2, 3]]]}, spec_two())
+    assert sample.args[0].dtype == torch.float32
+    assert sample.args[1].dtype == torch.int64
+    assert sample.args[1].tolist() == [[1, 2, 3]]
+
+
+@pytest.mark.parametrize("body, message", [
+    ([[1, 2, 3]], "input 0: dim 1 must be 4, got 3"),
+    ([1, 2, 3, 4], "input 0: expected rank 2"),
+    ([[[1, 2, 3, 4]]], "input 0: expected rank 2"),
+    ([], "input 0: expected rank 2|batch dim"),
+    ([[1, 2, 3, "a"]], "expected numbers \\(float32\\), got strings"),
+    ([[1, 2, 3, None]], "got null"),
+    ([[1, 2, 3, True]], "got null|booleans|got"),
+    ([[True, False, True, True]], "got booleans"),
+    ([[1, 2, 3, 4], [1, 2]], "rectangular"),
+    ([[1, 2, 3, float("nan")]], "NaN or Inf"),
+    ([[1, 2, 3, float("inf")]], "NaN or Inf"),
+    ([[1, 2, 3, 1e39]], "NaN or Inf, or a value beyond the range of float32"),
+    ({"inputs": [[[1, 2, 3, 4]]], "extra": 1}, "unknown key\\(s\\) 'extra'"),
+    ({"input": [[1, 2, 3, 4]]}, "unknown key"),
+    ({"inputs": [[[1, 2, 3, 4]], [[1, 2, 3, 4]]]}, "expected 1 positional input\\(s\\), got 2"),
+    ({"inputs": [[[1, 2, 3, 4]]], "kwargs": {"mask": [1]}}, "unknown keyword input\\(s\\) 'mask'"),
+    ({"inputs": [[1, 2, 3, 4]], "kwargs": []}, "'kwargs' must be an object"),
+    ({"inputs": "x"}, "'inputs' must be a list"),
+    ("just a string", "nested list .* got a string"),
+    (42, "got an integer"),
+    (None, "got null"),
+])
+def test_bad_inputs_name_the_problem(body, message):
+    with pytest.raises(BadRequestError, match=message):
+        decode_inputs(body, spec_one())
+
+
+@pytest.mark.parametrize("ids, message", [
+    ([[1.5, 2, 3]], "expected integers"),
+    ([[2 ** 70, 2, 3]], "outside the range of int64|got null"),
+])
+def test_integer_inputs(ids, message):
+    with pytest.raises(BadRequestError, match=message):
+        decode_inputs({"inputs": [[[1, 2, 3, 4]], ids]}, spec_two())
+
+
+def test_encode_output():
+    value = {"a": torch.tensor([[1.0, 2.0]]), "b": (torch.tensor([1], dtype=torch.int64), 3),
+             "c": torch.tensor([0.5], dtype=torch.bfloat16)}
+    assert encode_output(value) == {"a": [[1.0, 2.0]], "b": [[1], 3], "c": [0.5]}
+    json.dumps(encode_output(value))
+
+
+def test_concat_and_split_round_trip():
+    spec = spec_two()
+    requests = [decode_inputs({"inputs": [[[1, 2, 3, 4]] * n, [[1, 2, 3]] * n]}, spec) for n in (1, 3, 2)]
+    assert len({batch_key(sample) for sample in requests}) == 1
+    batched = concat_samples(requests)
+    assert batched.args[0].shape == (6, 4)
+    parts = split_output(TwoInputs()(*batched.args), [1, 3, 2])
+    assert [part[0].shape[0] for part in parts] == [1, 3, 2]
+    assert torch.equal(parts[1][1], requests[1].args[1] * 2)
+
+
+def test_split_output_without_a_batch_dim_is_none():
+    assert split_output(torch.tensor(3.0), [1, 2]) is None
+    assert split_output(torch.zeros(4, 2), [1, 2]) is None
+
+
+def test_batch_key_separates_incompatible_requests():
+    a = Sample(args=(torch.zeros(1, 4),))
+    b = Sample(args=(torch.zeros(2, 4),))
+    c = Sample(args=(torch.zeros(1, 5),))
+    assert batch_key(a) == batch_key(b) != batch_key(c)
