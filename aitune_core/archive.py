@@ -45,7 +45,7 @@ class ArchiveOptions:
 
     model_name: str
     model_file: Path
-    sample: Path
+    samples: list[Path]
     model_class: str | None = None
     model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     weights: Path | None = None
@@ -98,21 +98,22 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
         progress(f"Loading weights {options.weights}")
         load_weights(module, _load_file(options.weights, "--weights"), assign=False)
 
-    sample = _load_sample(options.sample)
-    progress(f"Recording inputs and outputs on {options.sample}")
+    samples = [_load_sample(path) for path in options.samples]
+    progress(f"Recording inputs and outputs on {', '.join(map(str, options.samples))}")
     with torch.inference_mode():
         try:
-            reference = sample.run(module)
-            graph_spec = GraphSpec.from_samples(module, [sample])
+            reference = [sample.run(module) for sample in samples]
+            graph_spec = GraphSpec.from_samples(module, samples)
         except Exception as error:
-            raise ArchiveError(f"The model cannot run the sample {options.sample}: {type(error).__name__}: {error}") from None
+            names = ", ".join(map(str, options.samples))
+            raise ArchiveError(f"The model cannot run the sample(s) {names}: {type(error).__name__}: {error}") from None
 
     progress(f"Building {backend.name} on {target}")
     started = time.perf_counter()
-    backend.build(module, graph_spec, [sample], target)
+    backend.build(module, graph_spec, samples, target)
     build_seconds = time.perf_counter() - started
 
-    accuracy = compare_outputs(reference, sample.run(backend.infer))
+    accuracy = compare_outputs(reference, [sample.run(backend.infer) for sample in samples])
     quant = None if options.backend == "eager" else quantization_name(backend.config.quantization_config)
     min_cosine = options.min_cosine if options.min_cosine is not None else DEFAULT_MIN_COSINE.get(
         quant or "eager", CUSTOM_CONFIG_MIN_COSINE)
@@ -156,8 +157,11 @@ def _check_options(options: ArchiveOptions) -> tuple[Backend, torch.device]:
     """Fail fast, before any work, on inputs that cannot succeed."""
     if not _MODEL_NAME.match(options.model_name):
         raise ArchiveError(f"--model-name {options.model_name!r} must be letters, digits, '_', '-' or '.'")
-    for flag, path in (("--model-file", options.model_file), ("--sample", options.sample),
-                       ("--weights", options.weights), ("--config-file", options.config_file)):
+    if not options.samples:
+        raise ArchiveError("--sample is required: a torch.save file with the model's inputs")
+    checked = [("--model-file", options.model_file), ("--weights", options.weights),
+               ("--config-file", options.config_file)] + [("--sample", path) for path in options.samples]
+    for flag, path in checked:
         if path is not None and not Path(path).is_file():
             raise ArchiveError(f"{flag} {path} does not exist")
     if not isinstance(options.model_kwargs, dict):
@@ -214,8 +218,9 @@ def _package(options: ArchiveOptions, backend: Backend, manifest: dict[str, Any]
     export_path.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{options.model_name}-", dir=export_path))
     try:
-        files = staging / "files"
-        files.mkdir()
+        files, out, tmp = staging / "files", staging / "out", staging / "tmp"
+        for folder in (files, out, tmp):
+            folder.mkdir()
         checkpoint = files / CHECKPOINT_NAME
         save_checkpoint(backend.to_dict(), checkpoint)
         model_file = files / options.model_file.name
@@ -226,17 +231,17 @@ def _package(options: ArchiveOptions, backend: Backend, manifest: dict[str, Any]
             "--model-name", options.model_name, "--version", options.version,
             "--handler", str(handler_path()), "--serialized-file", str(checkpoint),
             "--extra-files", f"{model_file},{files / MANIFEST_NAME}",
-            "--export-path", str(staging), "--archive-format", options.archive_format,
+            "--export-path", str(out), "--archive-format", options.archive_format,
         ]
         if options.config_file is not None:
             command += ["--config-file", str(options.config_file)]
         # The archiver stages in $TMPDIR/<model-name>: a private TMPDIR keeps parallel runs apart.
-        env = {**os.environ, "TMPDIR": str(staging)}
+        env = {**os.environ, "TMPDIR": str(tmp)}
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             lines = (done.stderr or done.stdout).strip().splitlines()
             raise ArchiveError(f"torch-model-archiver failed: {lines[-1] if lines else done.returncode}")
-        built = staging / archive_path.name
+        built = out / archive_path.name
         if archive_path.is_dir():
             shutil.rmtree(archive_path)
         os.replace(built, archive_path)
@@ -277,8 +282,9 @@ def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
     parser.add_argument("--model-class")
     parser.add_argument("--model-kwargs", default="{}", help="JSON object passed to the model class")
     parser.add_argument("--weights", type=Path, help="state_dict saved with torch.save")
-    parser.add_argument("--sample", required=True, type=Path,
-                        help="torch.save file: a tensor, a tuple/list of tensors, or (args tuple, kwargs dict)")
+    parser.add_argument("--sample", required=True, type=Path, action="append", dest="samples",
+                        help="torch.save file: a tensor, a tuple/list of tensors, or (args tuple, kwargs dict); "
+                             "repeat it: a dim whose size differs between samples is dynamic when served")
     parser.add_argument("--backend", default="torchao", choices=sorted(BACKENDS))
     parser.add_argument("--quantization", choices=sorted(QUANTIZATIONS), help="torchao only; default int8wo")
     parser.add_argument("--checkpoint-weights", default="quantized", choices=CHECKPOINT_WEIGHTS,
@@ -298,7 +304,7 @@ def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
     if args.backend == "eager" and args.quantization:
         parser.error("--quantization applies to the torchao backend only")
     return ArchiveOptions(
-        model_name=args.model_name, model_file=args.model_file, sample=args.sample, model_class=args.model_class,
+        model_name=args.model_name, model_file=args.model_file, samples=args.samples, model_class=args.model_class,
         model_kwargs=model_kwargs, weights=args.weights, backend=args.backend, quantization=args.quantization,
         checkpoint_weights=args.checkpoint_weights, device=args.device, export_path=args.export_path,
         version=args.version, config_file=args.config_file, min_cosine=args.min_cosine, force=args.force,

@@ -1,0 +1,147 @@
+"""aitune-archive: a built, checked archive; one clear line and nothing written for each bad input."""
+
+import json
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+
+from aitune_core.archive import ArchiveOptions, archive_model
+from aitune_core.checkpoint import MANIFEST_NAME
+from aitune_core.errors import ArchiveError, CheckpointError, UnsupportedDeviceError
+from models.builders import MODELS, mlp_inputs
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    weights, samples = mlp_inputs(tmp_path / "inputs")
+    return {"model_file": MODELS / "small.py", "weights": weights, "samples": samples,
+            "export_path": tmp_path / "store"}
+
+
+def options(inputs, **changes):
+    return ArchiveOptions(**{"model_name": "mlp", **inputs, **changes})
+
+
+def test_archive_holds_handler_checkpoint_model_and_manifest(inputs):
+    lines = []
+    result = archive_model(options(inputs), progress=lines.append)
+    assert result.archive_path == inputs["export_path"] / "mlp.mar"
+    assert result.quantization == "int8wo" and result.accuracy.cosine >= 0.999
+    with zipfile.ZipFile(result.archive_path) as archive:
+        names = set(archive.namelist())
+        manifest = json.loads(archive.read(MANIFEST_NAME))
+        torchserve_manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
+    assert {"aitune_handler.py", "checkpoint.pt", "small.py", MANIFEST_NAME} <= names
+    assert torchserve_manifest["model"]["handler"] == "aitune_handler.py"
+    assert manifest["backend"] == "TorchAOBackend" and manifest["quantization"] == "int8wo"
+    assert manifest["model"] == {"file": "small.py", "class": "MLP", "kwargs": {}}
+    assert set(manifest["files"]) == {"checkpoint.pt", "small.py"}
+    assert manifest["accuracy"]["min_cosine"] == 0.999
+    assert manifest["versions"]["torchao"] == "0.18.0"
+    assert manifest["key"].startswith("TorchAOBackend_")
+    assert any("Accuracy" in line for line in lines)
+    assert sorted(p.name for p in inputs["export_path"].iterdir()) == ["mlp.mar"]
+
+
+def test_eager_archive_and_model_kwargs(inputs, tmp_path):
+    from models.small import MLP
+
+    torch.manual_seed(0)
+    torch.save(MLP(32, 16, 8).state_dict(), tmp_path / "w16.pt")
+    result = archive_model(options(inputs, backend="eager", weights=tmp_path / "w16.pt",
+                                   model_kwargs={"hidden": 16}, archive_format="no-archive"))
+    manifest = json.loads((result.archive_path / MANIFEST_NAME).read_text())
+    assert manifest["backend"] == "TorchEagerBackend" and manifest["quantization"] is None
+    assert manifest["model"]["kwargs"] == {"hidden": 16}
+    assert result.accuracy.cosine == 1.0
+
+
+@pytest.mark.parametrize("changes, error, message", [
+    ({"model_file": "missing.py"}, ArchiveError, "--model-file missing.py does not exist"),
+    ({"samples": ["missing.pt"]}, ArchiveError, "--sample missing.pt does not exist"),
+    ({"samples": []}, ArchiveError, "--sample is required"),
+    ({"model_class": "Nope"}, ValueError, "no nn.Module class 'Nope'; it defines: MLP"),
+    ({"quantization": "int3"}, ValueError, "Unknown quantization 'int3'"),
+    ({"backend": "tensorrt"}, ValueError, "Unknown backend 'tensorrt'"),
+    ({"model_name": "../up"}, ArchiveError, "--model-name"),
+    ({"model_kwargs": {"hidden": 7}}, CheckpointError, "do not fit MLP"),
+    ({"min_cosine": 1.0}, ArchiveError, "Accuracy check failed: cosine .* < required 1.0 \\(missed by"),
+])
+def test_bad_inputs_write_nothing(inputs, changes, error, message):
+    with pytest.raises(error, match=message):
+        archive_model(options(inputs, **changes))
+    assert not inputs["export_path"].exists() or list(inputs["export_path"].iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message")
+def test_fp8dq_on_cpu_is_refused_before_any_work(inputs):
+    with pytest.raises(UnsupportedDeviceError, match="fp8dq .* cannot run on cpu"):
+        archive_model(options(inputs, quantization="fp8dq"))
+    with pytest.raises(UnsupportedDeviceError, match="CUDA is not available"):
+        archive_model(options(inputs, device="cuda:0"))
+
+
+def test_several_or_no_module_classes(inputs, tmp_path):
+    several = tmp_path / "several.py"
+    several.write_text("import torch\nclass A(torch.nn.Module):\n    pass\nclass B(torch.nn.Module):\n    pass\n")
+    with pytest.raises(ValueError, match="defines 2 nn.Module classes \\(A, B\\): name one with --model-class"):
+        archive_model(options(inputs, model_file=several))
+    none = tmp_path / "none.py"
+    none.write_text("x = 1\n")
+    with pytest.raises(ValueError, match="defines 0 nn.Module classes"):
+        archive_model(options(inputs, model_file=none))
+
+
+def test_sample_the_model_cannot_run(inputs, tmp_path):
+    torch.save(torch.randn(2, 5), tmp_path / "bad_sample.pt")
+    with pytest.raises(ArchiveError, match="cannot run the sample\\(s\\) .*bad_sample.pt"):
+        archive_model(options(inputs, samples=[tmp_path / "bad_sample.pt"]))
+    torch.save({"not": "a sample"}, tmp_path / "dict.pt")
+    with pytest.raises(ArchiveError, match="cannot run the sample"):
+        archive_model(options(inputs, samples=[tmp_path / "dict.pt"]))
+
+
+def test_weights_file_that_is_not_safe(inputs, tmp_path):
+    import pickle
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps(object()))
+    with pytest.raises(ArchiveError, match="--weights .* cannot be read with torch.load\\(weights_only=True\\)"):
+        archive_model(options(inputs, weights=tmp_path / "evil.pt"))
+
+
+def test_existing_archive_needs_force(inputs):
+    first = archive_model(options(inputs))
+    before = first.archive_path.read_bytes()
+    with pytest.raises(ArchiveError, match="already exists: use --force"):
+        archive_model(options(inputs, quantization="int8dq"))
+    assert first.archive_path.read_bytes() == before
+    again = archive_model(options(inputs, quantization="int8dq", force=True))
+    assert again.quantization == "int8dq"
+    assert sorted(p.name for p in inputs["export_path"].iterdir()) == ["mlp.mar"]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "aitune_core.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_cli_prints_progress_and_summary(inputs):
+    done = run_cli("--model-name", "mlp", "--model-file", inputs["model_file"], "--weights", inputs["weights"],
+                   "--sample", inputs["samples"][0], "--export-path", inputs["export_path"], "--quantization", "int8dq")
+    assert done.returncode == 0, done.stderr
+    assert "- Building TorchAOBackend on cpu" in done.stdout
+    assert "quantization  int8dq" in done.stdout
+    assert "the fp32 weights" in done.stdout
+    assert "Failed to load" not in done.stderr
+
+
+def test_cli_error_is_one_line_and_nonzero(inputs):
+    done = run_cli("--model-name", "mlp", "--model-file", inputs["model_file"], "--sample", "nope.pt",
+                   "--export-path", inputs["export_path"])
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == ["aitune-archive: error: --sample nope.pt does not exist"]
+    done = run_cli("--model-name", "mlp", "--model-file", inputs["model_file"], "--sample", inputs["samples"][0],
+                   "--quantization", "int4")
+    assert done.returncode == 2 and "invalid choice: 'int4'" in done.stderr

@@ -1,0 +1,114 @@
+"""What a worker does, without a server: load an unpacked archive and answer batches."""
+
+import json
+
+import pytest
+import torch
+
+from aitune_core.archive import ArchiveOptions, archive_model
+from aitune_core.checkpoint import MANIFEST_NAME
+from aitune_core.errors import CheckpointError
+from aitune_core.serving import answer_batch, load_model, serving_device
+from models.builders import MODELS, dict_output_inputs, mlp_inputs, two_inputs_inputs
+
+JSON = "application/json"
+
+
+def unpacked(tmp_path, model_file, make_inputs, **changes):
+    weights, samples = make_inputs(tmp_path / "inputs")
+    result = archive_model(ArchiveOptions(model_name="m", model_file=model_file, weights=weights, samples=samples,
+                                          export_path=tmp_path / "store", archive_format="no-archive", **changes))
+    return result.archive_path
+
+
+def post(body):
+    return ({"body": body}, JSON)
+
+
+def test_serving_device_without_cuda():
+    assert serving_device(None) == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert serving_device(0) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("backend, quantization", [("eager", None), ("torchao", "int8wo"), ("torchao", "int8dq")])
+def test_loaded_archive_answers_like_the_original(tmp_path, backend, quantization):
+    from models.small import seeded_mlp
+
+    model_dir = unpacked(tmp_path, MODELS / "small.py", mlp_inputs, backend=backend, quantization=quantization)
+    loaded, manifest = load_model(model_dir, torch.device("cpu"))
+    assert loaded.state.name == "DEPLOYED"
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(7))
+    [reply] = answer_batch(loaded, [post(x.tolist())])
+    assert reply.status == 200
+    expected = seeded_mlp()(x)
+    got = torch.tensor(reply.body)
+    assert got.shape == (3, 8)
+    assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > manifest["accuracy"]["min_cosine"]
+
+
+def test_batch_with_bad_requests_answers_the_good_ones(tmp_path):
+    loaded, _ = load_model(unpacked(tmp_path, MODELS / "small.py", mlp_inputs), torch.device("cpu"))
+    rows = [torch.randn(n, 32, generator=torch.Generator().manual_seed(n)) for n in (1, 2, 3)]
+    replies = answer_batch(loaded, [post(rows[0].tolist()), post([[1, 2]]), ({"body": bytearray(b"{")}, JSON),
+                                    post(rows[1].tolist()), ({}, None), post(rows[2].tolist())])
+    assert [r.status for r in replies] == [200, 400, 400, 200, 400, 200]
+    assert "dim 1 must be 32" in replies[1].body["error"]
+    for reply, row in zip([replies[0], replies[3], replies[5]], rows):
+        alone = answer_batch(loaded, [post(row.tolist())])[0]
+        assert torch.allclose(torch.tensor(reply.body), torch.tensor(alone.body), atol=1e-5)
+    assert json.loads(replies[1].to_json()) == replies[1].body
+
+
+def test_two_inputs_and_tuple_output(tmp_path):
+    from models.two_inputs import TwoInputs
+
+    loaded, _ = load_model(unpacked(tmp_path, MODELS / "two_inputs.py", two_inputs_inputs), torch.device("cpu"))
+    x, ids = torch.randn(2, 16), torch.randint(0, 100, (2, 9))
+    [reply] = answer_batch(loaded, [post({"inputs": [x.tolist(), ids.tolist()]})])
+    assert reply.status == 200
+    torch.manual_seed(0)
+    expected = TwoInputs()(x, ids)
+    assert len(reply.body) == 2
+    assert torch.allclose(torch.tensor(reply.body[1]), expected[1], rtol=1e-2)
+    [bad] = answer_batch(loaded, [post({"inputs": [x.tolist(), [[1000, 1, 2]] * 2]})])
+    assert bad.status == 400 and "could not run this input: IndexError" in bad.body["error"]
+
+
+def test_dict_output_and_kwargs(tmp_path):
+    loaded, _ = load_model(unpacked(tmp_path, MODELS / "dict_output.py", dict_output_inputs), torch.device("cpu"))
+    x = torch.randn(2, 12).tolist()
+    [hot, cold] = answer_batch(loaded, [post({"inputs": [x], "kwargs": {"temperature": 1.0}}),
+                                        post({"inputs": [x], "kwargs": {"temperature": 10.0}})])
+    assert set(hot.body) == {"logits", "probs"}
+    assert max(hot.body["probs"][0]) > max(cold.body["probs"][0])
+    [bad] = answer_batch(loaded, [post({"inputs": [x], "kwargs": {"temperature": "hot"}})])
+    assert bad.status == 400 and "expected a float, got a string" in bad.body["error"]
+
+
+def test_tampered_checkpoint_is_refused_before_loading(tmp_path):
+    model_dir = unpacked(tmp_path, MODELS / "small.py", mlp_inputs)
+    data = bytearray((model_dir / "checkpoint.pt").read_bytes())
+    data[-100] ^= 0xFF
+    (model_dir / "checkpoint.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256 mismatch for .*checkpoint.pt"):
+        load_model(model_dir, torch.device("cpu"))
+
+
+def test_tampered_model_file_is_refused_before_import(tmp_path):
+    model_dir = unpacked(tmp_path, MODELS / "small.py", mlp_inputs)
+    marker = tmp_path / "imported"
+    with open(model_dir / "small.py", "a") as file:
+        file.write(f"\nopen({str(marker)!r}, 'w').close()\n")
+    with pytest.raises(CheckpointError, match="sha256 mismatch for .*small.py"):
+        load_model(model_dir, torch.device("cpu"))
+    assert not marker.exists()
+
+
+def test_manifest_cannot_point_outside_the_model_dir(tmp_path):
+    model_dir = unpacked(tmp_path, MODELS / "small.py", mlp_inputs)
+    manifest = json.loads((model_dir / MANIFEST_NAME).read_text())
+    manifest["checkpoint"] = "../../inputs/weights.pt"
+    (model_dir / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="plain file name"):
+        load_model(model_dir, torch.device("cpu"))
