@@ -1,20 +1,26 @@
-"""Console entry points. Logging is set up before torch and torchao are imported, so their
-import-time notices about CUDA-only kernels (harmless on a CPU) stay out of the terminal."""
+"""Console entry points, and the quieting of torch/torchao import notices they share with the handler."""
 
 import logging
 import sys
 
+# Harmless on a CPU or a GPU without those kernels: torchao's "Failed to load _C_*.so" and
+# torch's pytree deprecation notices, printed once per process at import.
+IMPORT_NOISE_LOGGERS = ("torchao", "torch.utils._pytree")
 
-def quiet_import_noise() -> None:
-    """Hide torchao's and torch's import-time warnings; errors still show."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    for name in ("torchao", "torch.utils._pytree"):
+
+def silence_import_notices() -> None:
+    """Raise the level of the loggers that print import-time notices; errors still show.
+
+    Must run before torchao is imported, so ``aitune_core`` imports it lazily.
+    """
+    for name in IMPORT_NOISE_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def archive_main() -> int:
     """``aitune-archive``: see aitune_core.archive."""
-    quiet_import_noise()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    silence_import_notices()
     from aitune_core.archive import main
 
     return main()

@@ -36,7 +36,8 @@ def parse_json_body(request: dict[str, Any], content_type: str | None) -> Any:
         )
     mime = (content_type or "").split(";")[0].strip().lower()
     if mime != JSON_CONTENT_TYPE:
-        raise BadRequestError(f"Content-Type must be {JSON_CONTENT_TYPE}, got {content_type or 'none'!r}")
+        found = repr(content_type) if content_type else "no Content-Type"
+        raise BadRequestError(f"Content-Type must be {JSON_CONTENT_TYPE}, got {found}")
     body = request.get("body", request.get("data"))
     if not isinstance(body, (bytes, bytearray, str)):
         return body

@@ -7,10 +7,15 @@ server). torch-model-archiver copies this file into the .mar; it must define one
 import logging
 import time
 
-from ts.torch_handler.base_handler import BaseHandler
+from aitune_core.cli import silence_import_notices
 
-from aitune_core.errors import AITuneError
-from aitune_core.serving import answer_batch, load_model, serving_device
+silence_import_notices()
+
+from ts.metrics.metric_type_enum import MetricTypes  # noqa: E402
+from ts.torch_handler.base_handler import BaseHandler  # noqa: E402
+
+from aitune_core.errors import AITuneError  # noqa: E402
+from aitune_core.serving import answer_batch, load_model, serving_device  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +48,7 @@ class AITuneHandler(BaseHandler):
         metrics = context.metrics
         if metrics is not None:
             metrics.add_time("AITuneInferenceTime", (time.perf_counter() - start) * 1000, None, "ms")
-            metrics.add_metric("AITuneBatchSize", len(data), "count")
+            metrics.add_metric("AITuneBatchSize", len(data), "count", metric_type=MetricTypes.HISTOGRAM)
         return [reply.to_json() for reply in replies]
 
 

@@ -1,0 +1,148 @@
+"""A real torchserve (Java frontend + Python workers) on free loopback ports, for the tests.
+
+Each instance has its own work dir, TMPDIR and gRPC ports, reads the repository's
+config.properties with only the addresses and model store changed, and is stopped by the
+PID it was started with (the whole process group: frontend and workers).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+TORCHSERVE = Path(sys.executable).parent / "torchserve"
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+class TorchServe:
+    """Start with ``start()``, stop with ``stop()``; talk to it with ``predict`` and ``describe``."""
+
+    def __init__(self, workdir: Path, model_store: Path, models: dict[str, str]) -> None:
+        self.workdir = workdir
+        self.model_store = model_store
+        self.models = models
+        self.inference_port, self.management_port, self.metrics_port, grpc_i, grpc_m = free_ports(5)
+        self.process: subprocess.Popen | None = None
+        overrides = {
+            "inference_address": f"http://127.0.0.1:{self.inference_port}",
+            "management_address": f"http://127.0.0.1:{self.management_port}",
+            "metrics_address": f"http://127.0.0.1:{self.metrics_port}",
+            "grpc_inference_port": str(grpc_i),
+            "grpc_management_port": str(grpc_m),
+            "model_store": str(model_store),
+        }
+        lines = []
+        for line in (REPO / "config.properties").read_text().splitlines():
+            key = line.split("=", 1)[0].strip()
+            lines.append(f"{key}={overrides.pop(key)}" if key in overrides else line)
+        lines += [f"{key}={value}" for key, value in overrides.items()]
+        self.config = workdir / "config.properties"
+        self.config.write_text("\n".join(lines) + "\n")
+        self.logs = workdir / "logs"
+
+    def start(self) -> "TorchServe":
+        tmp = self.workdir / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp), "LOG_LOCATION": str(self.logs),
+               "METRICS_LOCATION": str(self.logs)}
+        models = [f"{name}={archive}" for name, archive in self.models.items()]
+        command = [str(TORCHSERVE), "--start", "--foreground", "--ncs", "--ts-config", str(self.config),
+                   "--log-config", str(REPO / "log4j2.xml"), "--model-store", str(self.model_store),
+                   "--models", *models]
+        self.output = open(self.workdir / "torchserve.out", "w")
+        self.process = subprocess.Popen(command, cwd=self.workdir, env=env, stdout=self.output,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        # Workers live in the same process group; make sure none outlives the frontend.
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.output.close()
+        self.process = None
+
+    # -- keys and requests --------------------------------------------------------------------
+    def key(self, kind: str) -> str:
+        return json.loads((self.workdir / "key_file.json").read_text())[kind]["key"]
+
+    def request(self, port: int, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None, timeout: float = 60) -> tuple[int, bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    def predict(self, model: str, body: bytes | str, content_type: str | None = "application/json",
+                auth: bool = True) -> tuple[int, object]:
+        headers = {}
+        if content_type is not None:
+            headers["Content-Type"] = content_type
+        if auth:
+            headers["Authorization"] = f"Bearer {self.key('inference')}"
+        data = body.encode() if isinstance(body, str) else body
+        status, raw = self.request(self.inference_port, "POST", f"/predictions/{model}", data, headers)
+        try:
+            return status, json.loads(raw)
+        except ValueError:
+            return status, raw
+
+    def describe(self, model: str) -> list[dict]:
+        status, raw = self.request(self.management_port, "GET", f"/models/{model}",
+                                   headers={"Authorization": f"Bearer {self.key('management')}"})
+        return json.loads(raw) if status == 200 else []
+
+    def worker_pids(self, model: str) -> list[int]:
+        return [worker["pid"] for entry in self.describe(model) for worker in entry["workers"]
+                if worker["status"] == "READY"]
+
+    def wait_ready(self, model: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"torchserve exited: {(self.workdir / 'torchserve.out').read_text()[-2000:]}")
+            try:
+                if (self.workdir / "key_file.json").exists() and self.worker_pids(model):
+                    return
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"model {model} not READY after {timeout} s; see {self.logs}")
+
+    def metrics(self) -> str:
+        return self.request(self.metrics_port, "GET", "/metrics")[1].decode()
+
+    def model_log(self) -> str:
+        path = self.logs / "model_log.log"
+        return path.read_text() if path.exists() else ""
