@@ -37,6 +37,7 @@ class TorchServe:
 
     def __init__(self, workdir: Path, model_store: Path, models: dict[str, str]) -> None:
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.model_store = model_store
         self.models = models
         self.inference_port, self.management_port, self.metrics_port, grpc_i, grpc_m = free_ports(5)
