@@ -28,6 +28,7 @@ from aitune_core.accuracy import CUSTOM_CONFIG_MIN_COSINE, DEFAULT_MIN_COSINE, A
 from aitune_core.backend import Backend
 from aitune_core.backends import BACKENDS, QUANTIZATIONS, make_backend
 from aitune_core.backends.torchao import CHECKPOINT_WEIGHTS, quantization_name
+from aitune_core.codecs import TextCodec, TextOptions
 from aitune_core.checkpoint import CHECKPOINT_NAME, MANIFEST_NAME, save_checkpoint, write_manifest
 from aitune_core.errors import AITuneError, ArchiveError
 from aitune_core.graph_spec import GraphSpec, Sample
@@ -59,6 +60,9 @@ class ArchiveOptions:
     min_cosine: float | None = None
     force: bool = False
     archive_format: str = "default"
+    text_tokenizer: Path | None = None
+    text_max_tokens: int = 256
+    text_output_key: str = "embeddings"
 
 
 @dataclasses.dataclass
@@ -125,6 +129,8 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
             "--min-cosine"
         )
 
+    request = _check_text_codec(options, backend)
+
     progress(f"Packing {archive_path}")
     manifest = {
         "model_name": options.model_name,
@@ -140,6 +146,8 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
         "build_device": str(target),
         "accuracy": {**accuracy.to_dict(), "min_cosine": min_cosine},
     }
+    if request is not None:
+        manifest["request"] = request
     _package(options, backend, manifest, archive_path)
     return ArchiveResult(
         archive_path=archive_path,
@@ -153,6 +161,23 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
     )
 
 
+def _check_text_codec(options: ArchiveOptions, backend: Backend) -> dict[str, Any] | None:
+    """The manifest's ``request`` section for a text model, after one text went through the built backend."""
+    if options.text_tokenizer is None:
+        return None
+    text_options = TextOptions(tokenizer=options.text_tokenizer.name, max_tokens=options.text_max_tokens,
+                               output_key=options.text_output_key)
+    try:
+        codec = TextCodec(text_options, options.text_tokenizer)
+    except Exception as error:
+        raise ArchiveError(f"--text-tokenizer {options.text_tokenizer} is not a tokenizers tokenizer.json: {error}") from None
+    [reply] = codec.answer(backend, [codec.decode("A sentence to check the text path.")])
+    if reply.status != 200:
+        raise ArchiveError(f"The model cannot take tokenized text as forward(input_ids, attention_mask): "
+                           f"{reply.body['error']}")
+    return text_options.to_dict()
+
+
 def _check_options(options: ArchiveOptions) -> tuple[Backend, torch.device]:
     """Fail fast, before any work, on inputs that cannot succeed."""
     if not _MODEL_NAME.match(options.model_name):
@@ -160,7 +185,7 @@ def _check_options(options: ArchiveOptions) -> tuple[Backend, torch.device]:
     if not options.samples:
         raise ArchiveError("--sample is required: a torch.save file with the model's inputs")
     checked = [("--model-file", options.model_file), ("--weights", options.weights),
-               ("--config-file", options.config_file)] + [("--sample", path) for path in options.samples]
+               ("--config-file", options.config_file), ("--text-tokenizer", options.text_tokenizer)] + [("--sample", path) for path in options.samples]
     for flag, path in checked:
         if path is not None and not Path(path).is_file():
             raise ArchiveError(f"{flag} {path} does not exist")
@@ -223,14 +248,17 @@ def _package(options: ArchiveOptions, backend: Backend, manifest: dict[str, Any]
             folder.mkdir()
         checkpoint = files / CHECKPOINT_NAME
         save_checkpoint(backend.to_dict(), checkpoint)
-        model_file = files / options.model_file.name
-        shutil.copyfile(options.model_file, model_file)
-        write_manifest(files, manifest, [checkpoint, model_file])
+        extra = [files / options.model_file.name]
+        shutil.copyfile(options.model_file, extra[0])
+        if options.text_tokenizer is not None:
+            extra.append(files / options.text_tokenizer.name)
+            shutil.copyfile(options.text_tokenizer, extra[-1])
+        write_manifest(files, manifest, [checkpoint, *extra])
         command = [
             sys.executable, "-m", "model_archiver.model_packaging",
             "--model-name", options.model_name, "--version", options.version,
             "--handler", str(handler_path()), "--serialized-file", str(checkpoint),
-            "--extra-files", f"{model_file},{files / MANIFEST_NAME}",
+            "--extra-files", ",".join(str(path) for path in [*extra, files / MANIFEST_NAME]),
             "--export-path", str(out), "--archive-format", options.archive_format,
         ]
         if options.config_file is not None:
@@ -296,6 +324,10 @@ def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
     parser.add_argument("--min-cosine", type=float, help="accuracy gate; default per quantization")
     parser.add_argument("--archive-format", default="default", choices=["default", "no-archive", "zip-store"])
     parser.add_argument("--force", action="store_true", help="replace an existing archive")
+    parser.add_argument("--text-tokenizer", type=Path,
+                        help="tokenizer.json: serve {\"text\": [...]} through forward(input_ids, attention_mask)")
+    parser.add_argument("--text-max-tokens", type=int, default=256, help="truncate each text to this many tokens")
+    parser.add_argument("--text-output-key", default="embeddings", help="the answer's key for the model output")
     args = parser.parse_args(argv)
     try:
         model_kwargs = json.loads(args.model_kwargs)
@@ -308,7 +340,8 @@ def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
         model_kwargs=model_kwargs, weights=args.weights, backend=args.backend, quantization=args.quantization,
         checkpoint_weights=args.checkpoint_weights, device=args.device, export_path=args.export_path,
         version=args.version, config_file=args.config_file, min_cosine=args.min_cosine, force=args.force,
-        archive_format=args.archive_format,
+        archive_format=args.archive_format, text_tokenizer=args.text_tokenizer,
+        text_max_tokens=args.text_max_tokens, text_output_key=args.text_output_key,
     )
 
 

@@ -15,7 +15,7 @@ from ts.metrics.metric_type_enum import MetricTypes  # noqa: E402
 from ts.torch_handler.base_handler import BaseHandler  # noqa: E402
 
 from aitune_core.errors import AITuneError  # noqa: E402
-from aitune_core.serving import answer_batch, load_model, serving_device  # noqa: E402
+from aitune_core.serving import answer_batch, load_model, reply_json, serving_device  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -28,19 +28,19 @@ class AITuneHandler(BaseHandler):
         properties = context.system_properties
         device = serving_device(properties.get("gpu_id"))
         try:
-            self.backend, self.manifest = load_model(properties["model_dir"], device)
+            self.model = load_model(properties["model_dir"], device)
         except (AITuneError, ValueError, FileNotFoundError) as error:
             logger.error("AITune: cannot load model %s: %s", context.model_name, error)
             raise RuntimeError(f"AITune: cannot load model {context.model_name}: {error}") from None
         self.context = context
         self.initialized = True
-        logger.info("AITune: model %s ready: %s on %s", context.model_name, self.backend.describe(), device)
+        logger.info("AITune: model %s ready: %s on %s", context.model_name, self.model.backend.describe(), device)
 
     def handle(self, data, context):
         """Decode and check each request, run one ``infer`` per compatible group, encode."""
         start = time.perf_counter()
         requests = [(request, _content_type(context, index)) for index, request in enumerate(data)]
-        replies = answer_batch(self.backend, requests)
+        replies = answer_batch(self.model, requests)
         for index, reply in enumerate(replies):
             context.set_response_content_type(index, "application/json")
             if reply.status != 200:
@@ -49,7 +49,7 @@ class AITuneHandler(BaseHandler):
         if metrics is not None:
             metrics.add_time("AITuneInferenceTime", (time.perf_counter() - start) * 1000, None, "ms")
             metrics.add_metric("AITuneBatchSize", len(data), "count", metric_type=MetricTypes.HISTOGRAM)
-        return [reply.to_json() for reply in replies]
+        return [reply_json(reply) for reply in replies]
 
 
 def _content_type(context, index):

@@ -8,7 +8,7 @@ import torch
 from aitune_core.archive import ArchiveOptions, archive_model
 from aitune_core.checkpoint import MANIFEST_NAME
 from aitune_core.errors import CheckpointError
-from aitune_core.serving import answer_batch, load_model, serving_device
+from aitune_core.serving import answer_batch, load_model, reply_json, serving_device
 from models.builders import MODELS, dict_output_inputs, mlp_inputs, two_inputs_inputs
 
 JSON = "application/json"
@@ -36,8 +36,9 @@ def test_loaded_archive_answers_like_the_original(tmp_path, backend, quantizatio
     from models.small import seeded_mlp
 
     model_dir = unpacked(tmp_path, MODELS / "small.py", mlp_inputs, backend=backend, quantization=quantization)
-    loaded, manifest = load_model(model_dir, torch.device("cpu"))
-    assert loaded.state.name == "DEPLOYED"
+    loaded = load_model(model_dir, torch.device("cpu"))
+    manifest = loaded.manifest
+    assert loaded.backend.state.name == "DEPLOYED"
     x = torch.randn(3, 32, generator=torch.Generator().manual_seed(7))
     [reply] = answer_batch(loaded, [post(x.tolist())])
     assert reply.status == 200
@@ -48,7 +49,7 @@ def test_loaded_archive_answers_like_the_original(tmp_path, backend, quantizatio
 
 
 def test_batch_with_bad_requests_answers_the_good_ones(tmp_path):
-    loaded, _ = load_model(unpacked(tmp_path, MODELS / "small.py", mlp_inputs), torch.device("cpu"))
+    loaded = load_model(unpacked(tmp_path, MODELS / "small.py", mlp_inputs), torch.device("cpu"))
     rows = [torch.randn(n, 32, generator=torch.Generator().manual_seed(n)) for n in (1, 2, 3)]
     replies = answer_batch(loaded, [post(rows[0].tolist()), post([[1, 2]]), ({"body": bytearray(b"{")}, JSON),
                                     post(rows[1].tolist()), ({}, None), post(rows[2].tolist())])
@@ -57,13 +58,13 @@ def test_batch_with_bad_requests_answers_the_good_ones(tmp_path):
     for reply, row in zip([replies[0], replies[3], replies[5]], rows):
         alone = answer_batch(loaded, [post(row.tolist())])[0]
         assert torch.allclose(torch.tensor(reply.body), torch.tensor(alone.body), atol=1e-5)
-    assert json.loads(replies[1].to_json()) == replies[1].body
+    assert json.loads(reply_json(replies[1])) == replies[1].body
 
 
 def test_two_inputs_and_tuple_output(tmp_path):
     from models.two_inputs import TwoInputs
 
-    loaded, _ = load_model(unpacked(tmp_path, MODELS / "two_inputs.py", two_inputs_inputs), torch.device("cpu"))
+    loaded = load_model(unpacked(tmp_path, MODELS / "two_inputs.py", two_inputs_inputs), torch.device("cpu"))
     x, ids = torch.randn(2, 16), torch.randint(0, 100, (2, 9))
     [reply] = answer_batch(loaded, [post({"inputs": [x.tolist(), ids.tolist()]})])
     assert reply.status == 200
@@ -76,7 +77,7 @@ def test_two_inputs_and_tuple_output(tmp_path):
 
 
 def test_dict_output_and_kwargs(tmp_path):
-    loaded, _ = load_model(unpacked(tmp_path, MODELS / "dict_output.py", dict_output_inputs), torch.device("cpu"))
+    loaded = load_model(unpacked(tmp_path, MODELS / "dict_output.py", dict_output_inputs), torch.device("cpu"))
     x = torch.randn(2, 12).tolist()
     [hot, cold] = answer_batch(loaded, [post({"inputs": [x], "kwargs": {"temperature": 1.0}}),
                                         post({"inputs": [x], "kwargs": {"temperature": 10.0}})])
