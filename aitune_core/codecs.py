@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from aitune_core.backend import Backend
+from aitune_core.checkpoint import check_file_name
 from aitune_core.errors import BadRequestError, CheckpointError
 from aitune_core.graph_spec import GraphSpec, Sample
 from aitune_core.payload import batch_key, batch_size_of, concat_samples, decode_inputs, encode_output, split_output
@@ -165,6 +166,6 @@ def make_codec(request_section: dict[str, Any] | None, model_dir: Path, graph_sp
         return TensorCodec(graph_spec)
     if request_section["codec"] == "text":
         options = TextOptions(**{k: v for k, v in request_section.items() if k != "codec"})
-        return TextCodec(options, model_dir / options.tokenizer)
+        return TextCodec(options, model_dir / check_file_name(options.tokenizer))
     raise CheckpointError(f"The manifest asks for an unknown request codec {request_section['codec']!r}: "
                           "expected 'tensor' or 'text'")

@@ -39,12 +39,14 @@ def parse_json_body(request: dict[str, Any], content_type: str | None) -> Any:
         found = repr(content_type) if content_type else "no Content-Type"
         raise BadRequestError(f"Content-Type must be {JSON_CONTENT_TYPE}, got {found}")
     body = request.get("body", request.get("data"))
-    if not isinstance(body, (bytes, bytearray, str)):
+    # TorchServe parses a body sent as exactly application/json (a JSON string arrives as str);
+    # it hands over bytes when that failed or the type had parameters (e.g. charset).
+    if not isinstance(body, (bytes, bytearray)):
         return body
     if not body:
         raise BadRequestError("the request body is empty: expected a JSON value")
     try:
-        text = body.decode("utf-8") if isinstance(body, (bytes, bytearray)) else body
+        text = body.decode("utf-8")
     except UnicodeDecodeError as error:
         raise BadRequestError(f"the request body is not UTF-8 text: {error.reason} at byte {error.start}") from None
     try:

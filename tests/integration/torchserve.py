@@ -106,14 +106,14 @@ class TorchServe:
             connection.close()
 
     def predict(self, model: str, body: bytes | str, content_type: str | None = "application/json",
-                auth: bool = True) -> tuple[int, object]:
+                auth: bool = True, timeout: float = 180) -> tuple[int, object]:
         headers = {}
         if content_type is not None:
             headers["Content-Type"] = content_type
         if auth:
             headers["Authorization"] = f"Bearer {self.key('inference')}"
         data = body.encode() if isinstance(body, str) else body
-        status, raw = self.request(self.inference_port, "POST", f"/predictions/{model}", data, headers)
+        status, raw = self.request(self.inference_port, "POST", f"/predictions/{model}", data, headers, timeout)
         try:
             return status, json.loads(raw)
         except ValueError:

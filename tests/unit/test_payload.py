@@ -35,6 +35,7 @@ def spec_two():
     ({"body": [[1, 2]]}, JSON, [[1, 2]]),
     ({"body": bytearray(b"[[1, 2]]")}, "application/json; charset=utf-8", [[1, 2]]),
     ({"body": {"inputs": []}}, "Application/JSON", {"inputs": []}),
+    ({"body": "a JSON string TorchServe parsed"}, JSON, "a JSON string TorchServe parsed"),
 ])
 def test_parse_json_body(request_, content_type, expected):
     assert parse_json_body(request_, content_type) == expected
