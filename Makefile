@@ -30,7 +30,8 @@ stop: venv
 	$(BIN)/torchserve --stop
 
 bench: venv
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/checkpoint_figures.py
+	$(BIN)/python benchmarks/minilm.py
 
 clean:
 	rm -rf $(VENV) *.egg-info model_store/*.mar logs
