@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from aitune_core.accuracy import CUSTOM_CONFIG_MIN_COSINE, DEFAULT_MIN_COSINE, Accuracy, compare_outputs
-from aitune_core.backend import Backend
+from aitune_core.backend import Backend, library_versions
 from aitune_core.backends import BACKENDS, QUANTIZATIONS, make_backend
 from aitune_core.backends.torchao import CHECKPOINT_WEIGHTS, quantization_name
 from aitune_core.codecs import TextCodec, TextOptions
@@ -221,10 +221,8 @@ def _load_sample(path: Path) -> Sample:
 def _versions() -> dict[str, str]:
     from importlib.metadata import version
 
-    import torchao
-
-    return {"torch": str(torch.__version__), "torchao": torchao.__version__,
-            "aitune-torchserve": version("aitune-torchserve"), "python": sys.version.split()[0]}
+    return {**library_versions(), "aitune-torchserve": version("aitune-torchserve"),
+            "python": sys.version.split()[0]}
 
 
 def handler_path() -> Path:

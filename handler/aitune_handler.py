@@ -25,16 +25,19 @@ class AITuneHandler(BaseHandler):
 
     def initialize(self, context):
         """Verify and load the archive, deploy on ``cuda:<gpu_id>`` or the CPU, warm up once."""
+        started = time.perf_counter()
         properties = context.system_properties
         device = serving_device(properties.get("gpu_id"))
         try:
             self.model = load_model(properties["model_dir"], device)
-        except (AITuneError, ValueError, FileNotFoundError) as error:
-            logger.error("AITune: cannot load model %s: %s", context.model_name, error)
-            raise RuntimeError(f"AITune: cannot load model {context.model_name}: {error}") from None
+        except Exception as error:  # one clear line for any failure, not a traceback
+            reason = str(error) if isinstance(error, AITuneError) else f"{type(error).__name__}: {error}"
+            logger.error("AITune: cannot load model %s: %s", context.model_name, reason)
+            raise RuntimeError(f"AITune: cannot load model {context.model_name}: {reason}") from None
         self.context = context
         self.initialized = True
-        logger.info("AITune: model %s ready: %s on %s", context.model_name, self.model.backend.describe(), device)
+        logger.info("AITune: model %s ready: %s on %s in %.0f ms", context.model_name, self.model.backend.describe(),
+                    device, (time.perf_counter() - started) * 1000)
 
     def handle(self, data, context):
         """Decode and check each request, run one ``infer`` per compatible group, encode."""

@@ -1,0 +1,277 @@
+"""`make bench`: our handler against stock TorchServe, and our backends against each other.
+
+Every figure is a ratio against a baseline measured in the same run on the same machine, with
+medians over repeats: real torchserve on loopback, keep-alive HTTP clients, bounded request
+counts. Writes benchmarks/results/latest.{md,json} and prints the table. `--quick` proves the
+harness works in well under two minutes (CI runs it and asserts nothing about speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+sys.path[:0] = [str(REPO / "tests")]
+
+from aitune_core.cli import silence_import_notices  # noqa: E402
+
+silence_import_notices()
+
+from aitune_core.archive import ArchiveOptions, archive_model  # noqa: E402
+from integration.torchserve import TorchServe  # noqa: E402
+
+SMALL = REPO / "examples" / "mlp" / "mlp.py"
+BIG = BENCH / "models" / "mlp_big.py"
+
+
+@dataclass
+class Settings:
+    repeats: int
+    requests_c1: int
+    requests_c8: int
+    decode_requests: int
+    cold_repeats: int
+
+
+FULL = Settings(repeats=3, requests_c1=400, requests_c8=1200, decode_requests=40, cold_repeats=3)
+QUICK = Settings(repeats=1, requests_c1=40, requests_c8=80, decode_requests=5, cold_repeats=1)
+
+
+# -- building the archives --------------------------------------------------------------------
+def write_inputs(work: Path) -> dict[str, tuple[Path, Path]]:
+    sys.path.insert(0, str(BENCH / "models"))
+    sys.path.insert(0, str(SMALL.parent))
+    from mlp import MLP
+    from mlp_big import BigMLP
+
+    inputs = {}
+    for name, model, sample in (("small", MLP(), torch.randn(4, 64)), ("big", BigMLP(), torch.randn(4, 1024))):
+        torch.manual_seed(0)
+        folder = work / name
+        folder.mkdir(parents=True)
+        torch.save(model.state_dict(), folder / "weights.pt")
+        torch.save(sample, folder / "sample.pt")
+        inputs[name] = (folder / "weights.pt", folder / "sample.pt")
+    return inputs
+
+
+def stock_archive(name: str, model_file: Path, weights: Path, store: Path, config: Path | None) -> Path:
+    command = [str(Path(sys.executable).parent / "torch-model-archiver"), "--model-name", name, "--version", "1.0",
+               "--model-file", str(model_file), "--serialized-file", str(weights),
+               "--handler", str(BENCH / "stock_handler.py"), "--export-path", str(store), "--force"]
+    if config is not None:
+        command += ["--config-file", str(config)]
+    env = {**os.environ, "TMPDIR": tempfile.mkdtemp()}
+    subprocess.run(command, check=True, env=env)
+    return store / f"{name}.mar"
+
+
+def build_store(work: Path) -> tuple[Path, dict[str, int]]:
+    inputs = write_inputs(work)
+    store = work / "store"
+    store.mkdir()
+    batch1, batch8 = work / "batch1.yaml", work / "batch8.yaml"
+    batch1.write_text("batchSize: 1\n")
+    batch8.write_text("batchSize: 8\nmaxBatchDelay: 5\n")
+    sizes = {}
+    ours = {
+        "small_ours": (SMALL, "small", {"backend": "eager", "config_file": batch1}),
+        "small_ours_b8": (SMALL, "small", {"backend": "eager", "config_file": batch8}),
+        "big_eager": (BIG, "big", {"backend": "eager"}),
+        "big_int8wo": (BIG, "big", {"quantization": "int8wo"}),
+        "big_int8wo_requantize": (BIG, "big", {"quantization": "int8wo", "checkpoint_weights": "original"}),
+    }
+    for name, (model_file, which, changes) in ours.items():
+        weights, sample = inputs[which]
+        result = archive_model(ArchiveOptions(model_name=name, model_file=model_file, weights=weights,
+                                              samples=[sample], export_path=store, **changes))
+        sizes[name] = result.archive_bytes
+    stock_archive("small_stock", SMALL, inputs["small"][0], store, batch1)
+    stock_archive("big_stock", BIG, inputs["big"][0], store, None)
+    return store, sizes
+
+
+# -- load ---------------------------------------------------------------------------------------
+def load(server: TorchServe, model: str, body: bytes, concurrency: int, total: int) -> dict[str, float]:
+    """``total`` requests from ``concurrency`` keep-alive clients; latency percentiles and throughput."""
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {server.key('inference')}"}
+    latencies: list[float] = []
+    lock = threading.Lock()
+    remaining = [total]
+    errors = [0]
+
+    def client() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", server.inference_port, timeout=120)
+        while True:
+            with lock:
+                if remaining[0] == 0:
+                    break
+                remaining[0] -= 1
+            started = time.perf_counter()
+            connection.request("POST", f"/predictions/{model}", body, headers)
+            response = connection.getresponse()
+            response.read()
+            elapsed = time.perf_counter() - started
+            with lock:
+                latencies.append(elapsed)
+                errors[0] += response.status != 200
+        connection.close()
+
+    for _ in range(min(10, total)):  # warm-up on one connection
+        connection = http.client.HTTPConnection("127.0.0.1", server.inference_port, timeout=120)
+        connection.request("POST", f"/predictions/{model}", body, headers)
+        connection.getresponse().read()
+        connection.close()
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    if errors[0]:
+        raise RuntimeError(f"{errors[0]} of {total} requests to {model} failed")
+    latencies.sort()
+
+    def percentile(p: float) -> float:
+        return latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))] * 1000
+
+    return {"p50_ms": percentile(50), "p90_ms": percentile(90), "p99_ms": percentile(99), "rps": total / wall}
+
+
+def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def compare(server: TorchServe, ours: str, theirs: str, body: bytes, concurrency: int, total: int,
+            repeats: int) -> tuple[dict, dict]:
+    """Interleaved repeats of ours and the baseline, so drift hits both alike."""
+    mine, base = [], []
+    for _ in range(repeats):
+        mine.append(load(server, ours, body, concurrency, total))
+        base.append(load(server, theirs, body, concurrency, total))
+    return median_of(mine), median_of(base)
+
+
+# -- cold start -----------------------------------------------------------------------------------
+def cold_start(work: Path, store: Path, model: str, repeats: int) -> dict[str, float]:
+    """torchserve --start to READY, initialize() from our log line, and the worker's RSS after warm-up."""
+    starts, inits, rss = [], [], []
+    for index in range(repeats):
+        server = TorchServe(work / f"cold-{model}-{index}", store, {model: f"{model}.mar"})
+        started = time.perf_counter()
+        server.start()
+        try:
+            server.wait_ready(model, timeout=300)
+            starts.append(time.perf_counter() - started)
+            found = re.search(rf"AITune: model {model} ready: .* in (\d+) ms", server.model_log())
+            inits.append(float(found.group(1)))
+            [pid] = server.worker_pids(model)
+            rss.append(psutil.Process(pid).memory_info().rss)
+        finally:
+            server.stop()
+    return {"ready_s": statistics.median(starts), "initialize_ms": statistics.median(inits),
+            "rss_mb": statistics.median(rss) / 1e6}
+
+
+# -- report ---------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a short run that proves the harness works")
+    args = parser.parse_args()
+    settings = QUICK if args.quick else FULL
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="aitune-bench-"))
+    store, sizes = build_store(work)
+    rows = []
+
+    def row(figure, ours, base, ratio, target=None, met=None):
+        rows.append({"figure": figure, "ours": ours, "baseline": base, "ratio": round(ratio, 3),
+                     "target": target, "met": met})
+
+    small_body = json.dumps(torch.randn(1, 64).tolist()).encode()
+    decode_body = json.dumps(torch.randn(64, 1024).tolist()).encode()
+    server = TorchServe(work / "serving", store, {name: f"{name}.mar" for name in
+                                                  ("small_ours", "small_stock", "small_ours_b8", "big_eager",
+                                                   "big_stock")}).start()
+    try:
+        for name in ("small_ours", "small_stock", "small_ours_b8", "big_eager", "big_stock"):
+            server.wait_ready(name, timeout=300)
+        for concurrency, total in ((1, settings.requests_c1), (8, settings.requests_c8)):
+            mine, base = compare(server, "small_ours", "small_stock", small_body, concurrency, total,
+                                 settings.repeats)
+            for key in ("p50_ms", "p90_ms", "p99_ms"):
+                ratio = mine[key] / base[key]
+                target = "<= 1.00" if key == "p50_ms" else None
+                row(f"handler overhead, c={concurrency}, {key} (ours eager / stock)", f"{mine[key]:.2f}",
+                    f"{base[key]:.2f}", ratio, target, ratio <= 1.0 if target else None)
+            ratio = mine["rps"] / base["rps"]
+            row(f"handler overhead, c={concurrency}, throughput req/s", f"{mine['rps']:.0f}", f"{base['rps']:.0f}",
+                ratio, ">= 1.00", ratio >= 1.0)
+        b8, b1 = compare(server, "small_ours_b8", "small_ours", small_body, 8, settings.requests_c8, settings.repeats)
+        ratio = b8["rps"] / b1["rps"]
+        row("dynamic batching, c=8, throughput batchSize 8 / batchSize 1", f"{b8['rps']:.0f}", f"{b1['rps']:.0f}",
+            ratio, ">= 1.5", ratio >= 1.5)
+        mine, base = compare(server, "big_eager", "big_stock", decode_body, 1, settings.decode_requests,
+                             settings.repeats)
+        ratio = mine["p50_ms"] / base["p50_ms"]
+        row("request decoding, 64x1024 floats, p50 ms (ours eager / stock)", f"{mine['p50_ms']:.1f}",
+            f"{base['p50_ms']:.1f}", ratio, "<= 1.00", ratio <= 1.0)
+    finally:
+        server.stop()
+
+    cold = {name: cold_start(work, store, name, settings.cold_repeats)
+            for name in ("big_eager", "big_int8wo", "big_int8wo_requantize")}
+    ratio = cold["big_int8wo"]["initialize_ms"] / cold["big_eager"]["initialize_ms"]
+    row("cold start, initialize() ms, int8wo stored / eager", f"{cold['big_int8wo']['initialize_ms']:.0f}",
+        f"{cold['big_eager']['initialize_ms']:.0f}", ratio, "<= 1.2", ratio <= 1.2)
+    ratio = cold["big_int8wo"]["initialize_ms"] / cold["big_int8wo_requantize"]["initialize_ms"]
+    row("cold start, initialize() ms, int8wo stored / int8wo re-quantize",
+        f"{cold['big_int8wo']['initialize_ms']:.0f}", f"{cold['big_int8wo_requantize']['initialize_ms']:.0f}",
+        ratio, "<= 1.0", ratio <= 1.0)
+    ratio = cold["big_int8wo"]["ready_s"] / cold["big_eager"]["ready_s"]
+    row("cold start, torchserve --start to READY s, int8wo / eager", f"{cold['big_int8wo']['ready_s']:.1f}",
+        f"{cold['big_eager']['ready_s']:.1f}", ratio)
+    ratio = sizes["big_int8wo"] / sizes["big_eager"]
+    row("archive size, 1024-4096-1024 MLP, int8wo .mar / eager .mar", f"{sizes['big_int8wo'] / 1e6:.1f} MB",
+        f"{sizes['big_eager'] / 1e6:.1f} MB", ratio, "<= 0.30", ratio <= 0.30)
+    ratio = cold["big_int8wo"]["rss_mb"] / cold["big_eager"]["rss_mb"]
+    row("worker RSS after warm-up, int8wo / eager", f"{cold['big_int8wo']['rss_mb']:.0f} MB",
+        f"{cold['big_eager']['rss_mb']:.0f} MB", ratio)
+
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+               f"torch {torch.__version__}, no GPU" if not torch.cuda.is_available() else torch.cuda.get_device_name())
+    mode = "quick" if args.quick else "full"
+    lines = [f"Benchmark ({mode}), {machine}; median of {settings.repeats} repeat(s); "
+             f"{time.perf_counter() - started:.0f} s", "",
+             "| figure | ours | baseline | ratio | target | met |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
+        lines.append(f"| {r['figure']} | {r['ours']} | {r['baseline']} | {r['ratio']} | {r['target'] or ''} | {met} |")
+    table = "\n".join(lines)
+    results = BENCH / "results"
+    results.mkdir(exist_ok=True)
+    (results / "latest.md").write_text(table + "\n")
+    (results / "latest.json").write_text(json.dumps({"mode": mode, "machine": machine, "rows": rows}, indent=2) + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
