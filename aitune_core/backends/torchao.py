@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torchao
+from torchao.core import config as torchao_config
 from torchao.core.config import AOBaseConfig, config_from_dict, config_to_dict
 from torchao.quantization import (
     Float8DynamicActivationFloat8WeightConfig,
@@ -101,7 +102,7 @@ class TorchAOBackendConfig(BackendConfig):
     def from_dict(cls, config_dict: dict[str, Any]) -> "TorchAOBackendConfig":
         """Rebuild from ``to_dict()`` through torchao's ``config_from_dict`` (no pickle)."""
         return cls(
-            quantization_config=config_from_dict(config_dict["quantization_config"]),
+            quantization_config=load_torchao_config(config_dict["quantization_config"]),
             checkpoint_weights=config_dict.get("checkpoint_weights", "quantized"),
         )
 
@@ -112,6 +113,21 @@ class TorchAOBackendConfig(BackendConfig):
         if self.checkpoint_weights != "quantized":
             text += f",checkpoint_weights={self.checkpoint_weights!r}"
         return text
+
+
+def load_torchao_config(config_dict: dict[str, Any]) -> AOBaseConfig:
+    """torchao's ``config_from_dict``, looking in torchao.quantization first.
+
+    torchao 0.18 searches a *set* of modules, so the order changes with each process's hash
+    seed; when ``torchao.prototype.parq`` comes first it imports transformers (~2 s on a worker
+    start) before finding a class that torchao.quantization has.
+    """
+    original = torchao_config.ALLOWED_AO_MODULES
+    torchao_config.ALLOWED_AO_MODULES = sorted(original, key=lambda name: ("prototype" in name, name))
+    try:
+        return config_from_dict(config_dict)
+    finally:
+        torchao_config.ALLOWED_AO_MODULES = original
 
 
 def check_device_can_run(config: AOBaseConfig, device: torch.device) -> None:

@@ -87,3 +87,15 @@ def test_describe_shows_only_changed_fields():
     assert changed.describe() == ("quantization_config=Int8DynamicActivationInt8WeightConfig(granularity=PerTensor())"
                                   ",checkpoint_weights='original'")
     assert TorchEagerBackend().describe() == "TorchEagerBackend()"
+
+
+@pytest.mark.parametrize("hash_seed", ["0", "1", "2", "3"])
+def test_loading_a_config_does_not_import_transformers(hash_seed):
+    # torchao searches a set of modules whose order follows the hash seed; one of them imports
+    # transformers, which would cost a worker ~2 s at start.
+    code = ("import sys; from aitune_core import TorchAOBackendConfig as C; "
+            "c = C.from_dict(C(quantization='int8wo').to_dict()); "
+            "print(type(c.quantization_config).__name__, 'transformers' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**__import__("os").environ, "PYTHONHASHSEED": hash_seed})
+    assert done.stdout.split() == ["Int8WeightOnlyConfig", "False"]
