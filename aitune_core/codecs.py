@@ -82,6 +82,8 @@ class TensorCodec:
         return decode_inputs(value, self.graph_spec)
 
     def answer(self, backend: Backend, decoded: list[Sample]) -> list[Reply]:
+        if len(decoded) == 1:
+            return [run_alone(backend, decoded[0], encode_output)]
         groups: dict[Any, list[int]] = {}
         for index, sample in enumerate(decoded):
             groups.setdefault(batch_key(sample), []).append(index)

@@ -20,6 +20,7 @@ from aitune_core.graph_spec import BATCH_DIM, GraphSpec, Sample, flatten_tensors
 
 JSON_CONTENT_TYPE = "application/json"
 _FLOAT_KINDS = "f"
+_NUMPY_FLOATS = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
 _INT_KINDS = "iu"
 
 
@@ -131,8 +132,17 @@ def decode_tensor(value: Any, node: dict[str, Any], where: str) -> torch.Tensor:
                               f"got rank {array.ndim} (shape {list(array.shape)})")
     _check_dims(array.shape, node, where)
     if dtype.is_floating_point:
-        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64)).to(dtype)
-        if not bool(torch.isfinite(tensor).all()):
+        # Cast in numpy where it can (cheaper than torch ops on small inputs); a value past the
+        # dtype's range becomes Inf there and is caught with NaN/Inf.
+        numpy_dtype = _NUMPY_FLOATS.get(dtype)
+        if numpy_dtype is not None:
+            cast = np.ascontiguousarray(array, dtype=numpy_dtype)
+            finite = bool(np.isfinite(cast).all())
+            tensor = torch.from_numpy(cast)
+        else:
+            tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(dtype)
+            finite = bool(torch.isfinite(tensor).all())
+        if not finite:
             raise BadRequestError(f"{where}: contains NaN or Inf, or a value beyond the range of {node['dtype']}")
         return tensor
     if dtype == torch.bool:

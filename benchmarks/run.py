@@ -50,8 +50,8 @@ class Settings:
     cold_repeats: int
 
 
-FULL = Settings(repeats=3, requests_c1=400, requests_c8=1200, decode_requests=40, cold_repeats=3)
-QUICK = Settings(repeats=1, requests_c1=40, requests_c8=80, decode_requests=5, cold_repeats=1)
+FULL = Settings(repeats=6, requests_c1=400, requests_c8=1200, decode_requests=30, cold_repeats=3)
+QUICK = Settings(repeats=2, requests_c1=40, requests_c8=80, decode_requests=4, cold_repeats=1)
 
 
 # -- building the archives --------------------------------------------------------------------
@@ -134,11 +134,11 @@ def load(server: TorchServe, model: str, body: bytes, concurrency: int, total: i
                 errors[0] += response.status != 200
         connection.close()
 
-    for _ in range(min(10, total)):  # warm-up on one connection
-        connection = http.client.HTTPConnection("127.0.0.1", server.inference_port, timeout=120)
+    connection = http.client.HTTPConnection("127.0.0.1", server.inference_port, timeout=120)
+    for _ in range(min(50, total)):  # warm-up
         connection.request("POST", f"/predictions/{model}", body, headers)
         connection.getresponse().read()
-        connection.close()
+    connection.close()
     started = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
     for thread in threads:
@@ -164,9 +164,14 @@ def compare(server: TorchServe, ours: str, theirs: str, body: bytes, concurrency
             repeats: int) -> tuple[dict, dict]:
     """Interleaved repeats of ours and the baseline, so drift hits both alike."""
     mine, base = [], []
-    for _ in range(repeats):
-        mine.append(load(server, ours, body, concurrency, total))
-        base.append(load(server, theirs, body, concurrency, total))
+    for repeat in range(repeats):
+        # Alternate who goes first: the first run after a pause is the slowest on a busy machine.
+        if repeat % 2 == 0:
+            mine.append(load(server, ours, body, concurrency, total))
+            base.append(load(server, theirs, body, concurrency, total))
+        else:
+            base.append(load(server, theirs, body, concurrency, total))
+            mine.append(load(server, ours, body, concurrency, total))
     return median_of(mine), median_of(base)
 
 
