@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: venv test unit integration demo stop bench clean
+.PHONY: venv test unit integration demo stop bench bench-quick clean
 
 venv: $(VENV)/.installed
 
@@ -30,8 +30,12 @@ stop: venv
 	$(BIN)/torchserve --stop
 
 bench: venv
+	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/checkpoint_figures.py
 	$(BIN)/python benchmarks/minilm.py
+
+bench-quick: venv
+	$(BIN)/python benchmarks/run.py --quick
 
 clean:
 	rm -rf $(VENV) *.egg-info model_store/*.mar logs

@@ -200,6 +200,7 @@ def cold_start(work: Path, store: Path, model: str, repeats: int) -> dict[str, f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a short run that proves the harness works")
+    parser.add_argument("--out", type=Path, default=BENCH / "results", help="where latest.md and latest.json go")
     args = parser.parse_args()
     settings = QUICK if args.quick else FULL
     started = time.perf_counter()
@@ -271,8 +272,8 @@ def main() -> None:
         met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
         lines.append(f"| {r['figure']} | {r['ours']} | {r['baseline']} | {r['ratio']} | {r['target'] or ''} | {met} |")
     table = "\n".join(lines)
-    results = BENCH / "results"
-    results.mkdir(exist_ok=True)
+    results = args.out
+    results.mkdir(parents=True, exist_ok=True)
     (results / "latest.md").write_text(table + "\n")
     (results / "latest.json").write_text(json.dumps({"mode": mode, "machine": machine, "rows": rows}, indent=2) + "\n")
     print(table)
