@@ -136,7 +136,8 @@ def decode_tensor(value: Any, node: dict[str, Any], where: str) -> torch.Tensor:
         # dtype's range becomes Inf there and is caught with NaN/Inf.
         numpy_dtype = _NUMPY_FLOATS.get(dtype)
         if numpy_dtype is not None:
-            cast = np.ascontiguousarray(array, dtype=numpy_dtype)
+            with np.errstate(over="ignore"):  # an overflow becomes Inf, refused just below
+                cast = np.ascontiguousarray(array, dtype=numpy_dtype)
             finite = bool(np.isfinite(cast).all())
             tensor = torch.from_numpy(cast)
         else:
