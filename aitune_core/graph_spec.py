@@ -59,11 +59,6 @@ class Sample:
         """Inverse of ``to_state``."""
         return cls(args=tuple(state["args"]), kwargs=dict(state["kwargs"]))
 
-    def to(self, device: torch.device) -> "Sample":
-        """The sample with every tensor moved to ``device``."""
-        return Sample(args=map_tensors(self.args, lambda t: t.to(device)),
-                      kwargs=map_tensors(self.kwargs, lambda t: t.to(device)))
-
     def run(self, module: Any) -> Any:
         """Call ``module`` on this sample."""
         return module(*self.args, **self.kwargs)

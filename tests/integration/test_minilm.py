@@ -78,8 +78,7 @@ def test_batch_mixing_short_and_long_texts_gives_each_client_its_own(minilm_serv
     for single, batched in zip(alone, together):
         assert batched.shape == single.shape
         assert torch.allclose(batched, single, atol=1e-5)
-    histogram = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in minilm_server.metrics().splitlines()
-                 if line.startswith("AITuneBatchSize_") and 'ModelName="minilm_int8wo"' in line and "le=" not in line}
+    histogram = minilm_server.batch_size_histogram("minilm_int8wo")
     assert histogram["AITuneBatchSize_sum"] > histogram["AITuneBatchSize_count"]
 
 

@@ -68,8 +68,7 @@ def test_batching_returns_each_client_its_own_rows(server, reference_mlp):
         assert status == 200, body
         assert torch.tensor(body).shape == (row.shape[0], 8)
         assert cosine(body, reference_mlp(row)) >= 0.999
-    histogram = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in server.metrics().splitlines()
-                 if line.startswith("AITuneBatchSize_") and 'ModelName="mlp_batched"' in line and "le=" not in line}
+    histogram = server.batch_size_histogram("mlp_batched")
     # More requests than handle() calls: TorchServe handed over batches, and the metric says so.
     assert histogram["AITuneBatchSize_sum"] > histogram["AITuneBatchSize_count"] >= 1
 

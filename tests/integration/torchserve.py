@@ -144,6 +144,11 @@ class TorchServe:
     def metrics(self) -> str:
         return self.request(self.metrics_port, "GET", "/metrics")[1].decode()
 
+    def batch_size_histogram(self, model: str) -> dict[str, float]:
+        """``AITuneBatchSize_sum`` and ``_count`` of a model, from the prometheus endpoint."""
+        return {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in self.metrics().splitlines()
+                if line.startswith("AITuneBatchSize_") and f'ModelName="{model}"' in line and "le=" not in line}
+
     def model_log(self) -> str:
         path = self.logs / "model_log.log"
         return path.read_text() if path.exists() else ""
