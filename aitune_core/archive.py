@@ -104,13 +104,11 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
 
     samples = [_load_sample(path) for path in options.samples]
     progress(f"Recording inputs and outputs on {', '.join(map(str, options.samples))}")
-    with torch.inference_mode():
-        try:
-            reference = [sample.run(module) for sample in samples]
-            graph_spec = GraphSpec.from_samples(module, samples)
-        except Exception as error:
-            names = ", ".join(map(str, options.samples))
-            raise ArchiveError(f"The model cannot run the sample(s) {names}: {type(error).__name__}: {error}") from None
+    try:
+        graph_spec, reference = GraphSpec.record(module, samples)
+    except Exception as error:
+        names = ", ".join(map(str, options.samples))
+        raise ArchiveError(f"The model cannot run the sample(s) {names}: {type(error).__name__}: {error}") from None
 
     progress(f"Building {backend.name} on {target}")
     started = time.perf_counter()

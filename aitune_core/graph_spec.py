@@ -153,21 +153,26 @@ class GraphSpec:
     @classmethod
     def from_samples(cls, module: torch.nn.Module, samples: list[Any]) -> "GraphSpec":
         """Run ``module`` once on each sample (no grad) and record inputs and outputs."""
+        return cls.record(module, samples)[0]
+
+    @classmethod
+    def record(cls, module: torch.nn.Module, samples: list[Any]) -> tuple["GraphSpec", list[Any]]:
+        """``from_samples`` that also returns the outputs, for callers that need them too."""
         if not samples:
             raise ValueError("GraphSpec.from_samples needs at least one sample, got none")
-        spec = None
+        spec, outputs = None, []
         with torch.inference_mode():
             for sample in samples:
                 sample = Sample.of(sample)
-                output = sample.run(module)
+                outputs.append(sample.run(module))
                 current = cls(
                     args=[describe_value(arg) for arg in sample.args],
                     kwargs={name: describe_value(value) for name, value in sample.kwargs.items()},
-                    outputs=describe_value(output),
+                    outputs=describe_value(outputs[-1]),
                     signature=forward_signature(module),
                 )
                 spec = current if spec is None else spec.merge(current)
-        return spec
+        return spec, outputs
 
     def merge(self, other: "GraphSpec") -> "GraphSpec":
         """A spec that covers both; ValueError when the two disagree on structure."""
