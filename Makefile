@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: venv test unit integration demo stop bench bench-quick clean
+.PHONY: venv test unit integration reliability demo stop bench bench-quick clean
 
 venv: $(VENV)/.installed
 
@@ -22,6 +22,17 @@ unit: venv
 
 integration: venv
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+
+# The issue's full load counts, plus faults, broken archives, bad input and the security scan.
+reliability: venv
+	AITUNE_LOAD=full $(BIN)/python -m pytest -s $(PYTEST_ARGS) tests/integration/test_load.py \
+		tests/integration/test_faults.py tests/integration/test_broken_archives.py tests/integration/test_tampered.py \
+		tests/unit/test_security.py tests/unit/test_checkpoint.py \
+		tests/integration/test_serve.py::test_bad_request_gets_4xx_and_the_worker_keeps_serving \
+		tests/integration/test_serve.py::test_bad_request_in_a_batch_fails_alone \
+		tests/integration/test_serve.py::test_request_without_the_key_is_refused \
+		tests/integration/test_serve.py::test_unknown_model_is_404 \
+		tests/integration/test_minilm.py::test_bad_text_requests
 
 demo: venv
 	$(BIN)/python examples/demo.py

@@ -63,6 +63,7 @@ class ArchiveOptions:
     text_tokenizer: Path | None = None
     text_max_tokens: int = 256
     text_output_key: str = "embeddings"
+    max_batch_size: int | None = None
 
 
 @dataclasses.dataclass
@@ -128,6 +129,8 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
         )
 
     request = _check_text_codec(options, backend)
+    if request is None and options.max_batch_size is not None:
+        request = {"codec": "tensor", "max_batch_size": options.max_batch_size}
 
     progress(f"Packing {archive_path}")
     manifest = {
@@ -165,6 +168,8 @@ def _check_text_codec(options: ArchiveOptions, backend: Backend) -> dict[str, An
         return None
     text_options = TextOptions(tokenizer=options.text_tokenizer.name, max_tokens=options.text_max_tokens,
                                output_key=options.text_output_key)
+    if options.max_batch_size is not None:
+        text_options.max_texts = options.max_batch_size
     try:
         codec = TextCodec(text_options, options.text_tokenizer)
     except Exception as error:
@@ -187,6 +192,8 @@ def _check_options(options: ArchiveOptions) -> tuple[Backend, torch.device]:
     for flag, path in checked:
         if path is not None and not Path(path).is_file():
             raise ArchiveError(f"{flag} {path} does not exist")
+    if options.max_batch_size is not None and options.max_batch_size < 1:
+        raise ArchiveError(f"--max-batch-size must be at least 1, got {options.max_batch_size}")
     if not isinstance(options.model_kwargs, dict):
         raise ArchiveError(f"--model-kwargs must be a JSON object, got {options.model_kwargs!r}")
     backend = make_backend(options.backend, options.quantization, options.checkpoint_weights)
@@ -266,7 +273,10 @@ def _package(options: ArchiveOptions, backend: Backend, manifest: dict[str, Any]
             lines = (done.stderr or done.stdout).strip().splitlines()
             raise ArchiveError(f"torch-model-archiver failed: {lines[-1] if lines else done.returncode}")
         built = out / archive_path.name
-        if archive_path.is_dir():
+        # A link in the export path is replaced, never followed: its target stays untouched.
+        if archive_path.is_symlink():
+            archive_path.unlink()
+        elif archive_path.is_dir():
             shutil.rmtree(archive_path)
         os.replace(built, archive_path)
     finally:
@@ -320,6 +330,8 @@ def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
     parser.add_argument("--min-cosine", type=float, help="accuracy gate; default per quantization")
     parser.add_argument("--archive-format", default="default", choices=["default", "no-archive", "zip-store"])
     parser.add_argument("--force", action="store_true", help="replace an existing archive")
+    parser.add_argument("--max-batch-size", type=int,
+                        help="most rows (texts for a text model) one request may send; 400 above it")
     parser.add_argument("--text-tokenizer", type=Path,
                         help="tokenizer.json: serve {\"text\": [...]} through forward(input_ids, attention_mask)")
     parser.add_argument("--text-max-tokens", type=int, default=256, help="truncate each text to this many tokens")
@@ -338,6 +350,7 @@ def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
         version=args.version, config_file=args.config_file, min_cosine=args.min_cosine, force=args.force,
         archive_format=args.archive_format, text_tokenizer=args.text_tokenizer,
         text_max_tokens=args.text_max_tokens, text_output_key=args.text_output_key,
+        max_batch_size=args.max_batch_size,
     )
 
 

@@ -19,7 +19,7 @@ import torch
 from aitune_core.backend import Backend
 from aitune_core.checkpoint import check_file_name
 from aitune_core.errors import BadRequestError, CheckpointError
-from aitune_core.graph_spec import GraphSpec, Sample
+from aitune_core.graph_spec import GraphSpec, Sample, flatten_tensors
 from aitune_core.payload import batch_key, batch_size_of, concat_samples, decode_inputs, encode_output, split_output
 
 logger = logging.getLogger(__name__)
@@ -74,12 +74,22 @@ def run_batched(backend: Backend, samples: list[Sample], encode) -> list[Reply]:
 
 @dataclasses.dataclass
 class TensorCodec:
-    """Nested lists or {"inputs": [...], "kwargs": {...}} checked against the GraphSpec."""
+    """Nested lists or {"inputs": [...], "kwargs": {...}} checked against the GraphSpec.
+
+    ``max_batch_size`` (from ``--max-batch-size``) caps the rows of one request.
+    """
 
     graph_spec: GraphSpec
+    max_batch_size: int | None = None
 
     def decode(self, value: Any) -> Sample:
-        return decode_inputs(value, self.graph_spec)
+        sample = decode_inputs(value, self.graph_spec)
+        if self.max_batch_size is not None:
+            rows = max((t.shape[0] for t in flatten_tensors((sample.args, sample.kwargs)) if t.dim()), default=0)
+            if rows > self.max_batch_size:
+                raise BadRequestError(f"the request has {rows} rows (dim 0), at most {self.max_batch_size} "
+                                      "per request (the archive's --max-batch-size): split it")
+        return sample
 
     def answer(self, backend: Backend, decoded: list[Sample]) -> list[Reply]:
         if len(decoded) == 1:
@@ -133,7 +143,8 @@ class TextCodec:
         if not texts:
             raise BadRequestError("'text' is an empty list: send at least one text")
         if len(texts) > self.options.max_texts:
-            raise BadRequestError(f"'text' has {len(texts)} texts, at most {self.options.max_texts} per request")
+            raise BadRequestError(f"'text' has {len(texts)} texts, at most {self.options.max_texts} per request: "
+                                  "split it")
         for index, text in enumerate(texts):
             if not isinstance(text, str):
                 raise BadRequestError(f"text[{index}]: expected a string, got {type(text).__name__}")
@@ -165,7 +176,7 @@ class TextCodec:
 def make_codec(request_section: dict[str, Any] | None, model_dir: Path, graph_spec: GraphSpec) -> Codec:
     """The codec an archive's manifest asks for (``request.codec``); tensors when it names none."""
     if not request_section or request_section.get("codec", "tensor") == "tensor":
-        return TensorCodec(graph_spec)
+        return TensorCodec(graph_spec, (request_section or {}).get("max_batch_size"))
     if request_section["codec"] == "text":
         options = TextOptions(**{k: v for k, v in request_section.items() if k != "codec"})
         return TextCodec(options, model_dir / check_file_name(options.tokenizer))

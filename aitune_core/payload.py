@@ -123,6 +123,8 @@ def decode_tensor(value: Any, node: dict[str, Any], where: str) -> torch.Tensor:
     except (ValueError, TypeError, RecursionError):
         raise BadRequestError(f"{where}: expected a nested list of numbers with equal-length rows "
                               "(a rectangular array), got ragged or mixed data") from None
+    if array.dtype.kind == "O" and array.ndim == rank:
+        array = _object_numbers(value, array, dtype, node, where)
     if dtype != torch.bool and (array.dtype.kind == "b" or bool in _leaf_types(value, array.ndim)):
         raise BadRequestError(f"{where}: expected numbers ({node['dtype']}), got booleans")
     if array.dtype.kind not in _FLOAT_KINDS + _INT_KINDS + "b":
@@ -150,12 +152,26 @@ def decode_tensor(value: Any, node: dict[str, Any], where: str) -> torch.Tensor:
         if array.dtype.kind != "b":
             raise BadRequestError(f"{where}: expected booleans, got {_array_kind(array)}")
         return torch.from_numpy(array.copy())
-    if array.dtype.kind not in _INT_KINDS:
-        raise BadRequestError(f"{where}: expected integers ({node['dtype']}), got non-integer numbers")
     info = torch.iinfo(dtype)
-    if array.size and (array.min() < info.min or array.max() > info.max):
+    if array.dtype.kind not in _INT_KINDS and _leaf_types(value, array.ndim) != {int}:
+        raise BadRequestError(f"{where}: expected integers ({node['dtype']}), got non-integer numbers")
+    # numpy reads integers past int64 on the negative side as floats: out of range as well.
+    if array.dtype.kind not in _INT_KINDS or array.size and (array.min() < info.min or array.max() > info.max):
         raise BadRequestError(f"{where}: a value is outside the range of {node['dtype']} [{info.min}, {info.max}]")
     return torch.from_numpy(array.astype(np.int64)).to(dtype)
+
+
+def _object_numbers(value: Any, array: np.ndarray, dtype: torch.dtype, node: dict[str, Any], where: str) -> np.ndarray:
+    """numpy keeps integers past 64 bits as Python objects: out of range for any integer dtype."""
+    if not _leaf_types(value, array.ndim) <= {int, float}:
+        return array
+    if not dtype.is_floating_point:
+        info = torch.iinfo(dtype)
+        raise BadRequestError(f"{where}: a value is outside the range of {node['dtype']} [{info.min}, {info.max}]")
+    try:
+        return array.astype(np.float64)
+    except OverflowError:
+        raise BadRequestError(f"{where}: contains NaN or Inf, or a value beyond the range of {node['dtype']}") from None
 
 
 def _leaf_types(value: Any, ndim: int) -> set[type]:

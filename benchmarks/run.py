@@ -9,7 +9,6 @@ harness works in well under two minutes (CI runs it and asserts nothing about sp
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import platform
@@ -18,7 +17,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from aitune_core.cli import silence_import_notices  # noqa: E402
 silence_import_notices()
 
 from aitune_core.archive import ArchiveOptions, archive_model  # noqa: E402
+from integration.load import run_load, worker_rss_mb  # noqa: E402
 from integration.torchserve import TorchServe  # noqa: E402
 
 SMALL = REPO / "examples" / "mlp" / "mlp.py"
@@ -110,50 +109,12 @@ def build_store(work: Path) -> tuple[Path, dict[str, int]]:
 
 # -- load ---------------------------------------------------------------------------------------
 def load(server: TorchServe, model: str, body: bytes, concurrency: int, total: int) -> dict[str, float]:
-    """``total`` requests from ``concurrency`` keep-alive clients; latency percentiles and throughput."""
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {server.key('inference')}"}
-    latencies: list[float] = []
-    lock = threading.Lock()
-    remaining = [total]
-    errors = [0]
-
-    def client() -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", server.inference_port, timeout=120)
-        while True:
-            with lock:
-                if remaining[0] == 0:
-                    break
-                remaining[0] -= 1
-            started = time.perf_counter()
-            connection.request("POST", f"/predictions/{model}", body, headers)
-            response = connection.getresponse()
-            response.read()
-            elapsed = time.perf_counter() - started
-            with lock:
-                latencies.append(elapsed)
-                errors[0] += response.status != 200
-        connection.close()
-
-    connection = http.client.HTTPConnection("127.0.0.1", server.inference_port, timeout=120)
-    for _ in range(min(50, total)):  # warm-up
-        connection.request("POST", f"/predictions/{model}", body, headers)
-        connection.getresponse().read()
-    connection.close()
-    started = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - started
-    if errors[0]:
-        raise RuntimeError(f"{errors[0]} of {total} requests to {model} failed")
-    latencies.sort()
-
-    def percentile(p: float) -> float:
-        return latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))] * 1000
-
-    return {"p50_ms": percentile(50), "p90_ms": percentile(90), "p99_ms": percentile(99), "rps": total / wall}
+    """``total`` requests from ``concurrency`` keep-alive clients after a warm-up; percentiles and throughput."""
+    run_load(server, model, [body], 1, min(50, total))
+    result = run_load(server, model, [body], concurrency, total)
+    if result.failures:
+        raise RuntimeError(f"{len(result.failures)} of {total} requests to {model} failed: {result.failures[0]}")
+    return result.figures()
 
 
 def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -188,12 +149,11 @@ def cold_start(work: Path, store: Path, model: str, repeats: int) -> dict[str, f
             starts.append(time.perf_counter() - started)
             found = re.search(rf"AITune: model {model} ready: .* in (\d+) ms", server.model_log())
             inits.append(float(found.group(1)))
-            [pid] = server.worker_pids(model)
-            rss.append(psutil.Process(pid).memory_info().rss)
+            rss.append(worker_rss_mb(server, model))
         finally:
             server.stop()
     return {"ready_s": statistics.median(starts), "initialize_ms": statistics.median(inits),
-            "rss_mb": statistics.median(rss) / 1e6}
+            "rss_mb": statistics.median(rss)}
 
 
 # -- report ---------------------------------------------------------------------------------------

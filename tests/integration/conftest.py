@@ -9,6 +9,7 @@ from aitune_core.archive import ArchiveOptions, archive_model
 from integration.torchserve import REPO, TorchServe
 from models.builders import MODELS, dict_output_inputs, mlp_inputs, two_inputs_inputs
 
+MAX_BATCH_SIZE = 64
 BATCH_CONFIG = "batchSize: 4\nmaxBatchDelay: 300\nresponseTimeout: 60\n"
 
 
@@ -32,7 +33,8 @@ def model_store(tmp_path_factory, inputs):
     batch_config.write_text(BATCH_CONFIG)
     archives = {
         "mlp_eager": dict(model_file=MODELS / "small.py", inputs=inputs["mlp"], backend="eager"),
-        "mlp_int8wo": dict(model_file=MODELS / "small.py", inputs=inputs["mlp"], quantization="int8wo"),
+        "mlp_int8wo": dict(model_file=MODELS / "small.py", inputs=inputs["mlp"], quantization="int8wo",
+                           max_batch_size=MAX_BATCH_SIZE),
         "mlp_int8dq": dict(model_file=MODELS / "small.py", inputs=inputs["mlp"], quantization="int8dq"),
         "mlp_batched": dict(model_file=MODELS / "small.py", inputs=inputs["mlp"], config_file=batch_config),
         "two_inputs": dict(model_file=MODELS / "two_inputs.py", inputs=inputs["two"]),
@@ -91,9 +93,13 @@ def minilm_server(tmp_path_factory, minilm_inputs):
     # than fp32 on a CPU, so it and eager are archived with the quick samples.
     full = [minilm_inputs / "sample_sentences.pt", minilm_inputs / "sample_short.pt"]
     quick = [minilm_inputs / "sample_short.pt", minilm_inputs / "sample_medium.pt"]
+    # minilm_load: int8wo batched for a few concurrent clients (batchSize 4, short maxBatchDelay).
+    load_config = store.parent / "minilm-load.yaml"
+    load_config.write_text("batchSize: 4\nmaxBatchDelay: 20\nresponseTimeout: 120\n")
     variants = {"minilm_eager": {"backend": "eager", "samples": quick},
                 "minilm_int8wo": {"config_file": batch_config, "samples": full},
-                "minilm_int8dq": {"quantization": "int8dq", "samples": quick}}
+                "minilm_int8dq": {"quantization": "int8dq", "samples": quick},
+                "minilm_load": {"config_file": load_config, "samples": quick}}
     for name, changes in variants.items():
         archive_model(ArchiveOptions(model_name=name, model_file=MINILM / "minilm.py",
                                      weights=minilm_inputs / "weights.pt", text_tokenizer=tokenizer,

@@ -67,6 +67,10 @@ def test_eager_archive_and_model_kwargs(inputs, tmp_path):
     ({"quantization": "int3"}, ValueError, "Unknown quantization 'int3'"),
     ({"backend": "tensorrt"}, ValueError, "Unknown backend 'tensorrt'"),
     ({"model_name": "../up"}, ArchiveError, "--model-name"),
+    ({"model_name": "/tmp/abs"}, ArchiveError, "--model-name"),
+    ({"model_name": "a/b"}, ArchiveError, "--model-name"),
+    ({"model_name": ".."}, ArchiveError, "--model-name"),
+    ({"max_batch_size": 0}, ArchiveError, "--max-batch-size must be at least 1, got 0"),
     ({"model_kwargs": {"hidden": 7}}, CheckpointError, "do not fit MLP"),
     ({"min_cosine": 1.0}, ArchiveError, "Accuracy check failed: cosine .* < required 1.0 \\(missed by"),
 ])
@@ -121,6 +125,30 @@ def test_existing_archive_needs_force(inputs):
     again = archive_model(options(inputs, quantization="int8dq", force=True))
     assert again.quantization == "int8dq"
     assert sorted(p.name for p in inputs["export_path"].iterdir()) == ["mlp.mar"]
+
+
+def files_under(root, skip):
+    return {path: path.read_bytes() for path in root.rglob("*") if path.is_file() and skip not in path.parents}
+
+
+@pytest.mark.parametrize("archive_format", ["default", "no-archive"])
+def test_archive_never_writes_outside_the_export_dir(inputs, tmp_path, archive_format):
+    store = inputs["export_path"]
+    store.mkdir()
+    outside = tmp_path / "outside"
+    (outside / "victim").mkdir(parents=True)
+    (outside / "victim" / "keep.txt").write_text("keep")
+    suffix = ".mar" if archive_format == "default" else ""
+    (store / f"mlp{suffix}").symlink_to(outside / "victim")
+    (store / f"dangling{suffix}").symlink_to(outside / "nothing-here")
+    before = files_under(tmp_path, store)
+    archive_model(options(inputs, force=True, archive_format=archive_format))
+    archive_model(options(inputs, model_name="dangling", archive_format=archive_format))
+    assert files_under(tmp_path, store) == before
+    assert not (outside / "nothing-here").exists()
+    for name in (f"mlp{suffix}", f"dangling{suffix}"):
+        assert not (store / name).is_symlink() and (store / name).exists()
+    assert sorted(p.name for p in store.iterdir()) == sorted([f"mlp{suffix}", f"dangling{suffix}"])
 
 
 def run_cli(*args):

@@ -98,11 +98,31 @@ def test_bad_inputs_name_the_problem(body, message):
 
 @pytest.mark.parametrize("ids, message", [
     ([[1.5, 2, 3]], "expected integers"),
-    ([[2 ** 70, 2, 3]], "outside the range of int64|got null"),
+    ([[2 ** 70, 2, 3]], "input 1: a value is outside the range of int64"),
+    ([[-2 ** 64, 2, 3]], "input 1: a value is outside the range of int64"),
+    ([[2 ** 63, 2, 3]], "input 1: a value is outside the range of int64"),
 ])
 def test_integer_inputs(ids, message):
     with pytest.raises(BadRequestError, match=message):
         decode_inputs({"inputs": [[[1, 2, 3, 4]], ids]}, spec_two())
+
+
+def test_big_integers_for_a_float_input():
+    assert decode_inputs([[2 ** 70, 0, 1, 2]], spec_one()).args[0][0, 0] == float(2 ** 70)
+    with pytest.raises(BadRequestError, match="beyond the range of float32"):
+        decode_inputs([[2 ** 200, 0, 1, 2]], spec_one())
+    with pytest.raises(BadRequestError, match="beyond the range of float32"):
+        decode_inputs([[10 ** 400, 0, 1, 2]], spec_one())
+
+
+def test_max_batch_size_caps_rows_per_request():
+    from aitune_core.codecs import TensorCodec
+
+    codec = TensorCodec(spec_one(), max_batch_size=2)
+    assert codec.decode([[1, 2, 3, 4]] * 2).args[0].shape == (2, 4)
+    with pytest.raises(BadRequestError, match="the request has 3 rows \\(dim 0\\), at most 2 per request"):
+        codec.decode([[1, 2, 3, 4]] * 3)
+    assert TensorCodec(spec_one()).decode([[1, 2, 3, 4]] * 300).args[0].shape == (300, 4)
 
 
 def test_encode_output():

@@ -81,6 +81,7 @@ def test_batch_answers_equal_answers_alone(codec, backend):
 
 def test_make_codec(tmp_path, backend):
     assert type(make_codec(None, tmp_path, backend.graph_spec)).__name__ == "TensorCodec"
+    assert make_codec({"codec": "tensor", "max_batch_size": 8}, tmp_path, backend.graph_spec).max_batch_size == 8
     (tmp_path / "tokenizer.json").write_bytes(TOKENIZER.read_bytes())
     section = TextOptions(tokenizer="tokenizer.json").to_dict()
     assert isinstance(make_codec(section, tmp_path, backend.graph_spec), TextCodec)
