@@ -14,6 +14,13 @@ DEFAULT_MIN_COSINE = {"eager": 0.9999, "int8wo": 0.999, "int8dq": 0.99, "fp8wo":
 CUSTOM_CONFIG_MIN_COSINE = 0.99
 
 
+def min_cosine_for(quantization: str | None, override: float | None = None) -> float:
+    """The accuracy gate: ``override`` (``--min-cosine``) or the default for the quantization."""
+    if override is not None:
+        return override
+    return DEFAULT_MIN_COSINE.get(quantization or "eager", CUSTOM_CONFIG_MIN_COSINE)
+
+
 @dataclasses.dataclass(frozen=True)
 class Accuracy:
     """Cosine similarity and max abs error of all output values, flattened together."""

@@ -24,19 +24,22 @@ from typing import Any
 
 import torch
 
-from aitune_core.accuracy import CUSTOM_CONFIG_MIN_COSINE, DEFAULT_MIN_COSINE, Accuracy, compare_outputs
+from aitune_core.accuracy import Accuracy, compare_outputs, min_cosine_for
 from aitune_core.backend import Backend, library_versions
-from aitune_core.backends import BACKENDS, QUANTIZATIONS, make_backend
-from aitune_core.backends.torchao import CHECKPOINT_WEIGHTS, quantization_name
+from aitune_core.backends import BACKENDS, QUANTIZATIONS, make_backend, quantization_of
+from aitune_core.backends.torchao import CHECKPOINT_WEIGHTS
 from aitune_core.codecs import TextCodec, TextOptions
 from aitune_core.checkpoint import CHECKPOINT_NAME, MANIFEST_NAME, save_checkpoint, write_manifest
 from aitune_core.errors import AITuneError, ArchiveError
 from aitune_core.graph_spec import GraphSpec, Sample
 from aitune_core.modules import load_module_class, load_weights
+from aitune_core.tune import STRATEGIES, TuneOptions, TuneReport, candidate_names, pick_variants, tune
+from aitune_core.variants import Variant
 
 logger = logging.getLogger(__name__)
 
 HANDLER_FILE = "aitune_handler.py"
+TUNING_REPORT = "tuning_report"
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -53,6 +56,7 @@ class ArchiveOptions:
     backend: str = "torchao"
     quantization: str | None = None
     checkpoint_weights: str = "quantized"
+    compile: bool = False
     device: str = "cpu"
     export_path: Path = Path("model_store")
     version: str = "1.0"
@@ -64,6 +68,8 @@ class ArchiveOptions:
     text_max_tokens: int = 256
     text_output_key: str = "embeddings"
     max_batch_size: int | None = None
+    tune: TuneOptions | None = None  # set: measure the candidates and archive the winner(s)
+    tune_devices: list[str] = dataclasses.field(default_factory=list)  # default: [device]
 
 
 @dataclasses.dataclass
@@ -78,6 +84,8 @@ class ArchiveResult:
     archive_bytes: int
     fp32_weight_bytes: int
     build_seconds: float
+    tuning: list[TuneReport] = dataclasses.field(default_factory=list)
+    variants: list[Variant] = dataclasses.field(default_factory=list)
 
 
 def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = logger.info) -> ArchiveResult:
@@ -111,22 +119,36 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
         names = ", ".join(map(str, options.samples))
         raise ArchiveError(f"The model cannot run the sample(s) {names}: {type(error).__name__}: {error}") from None
 
-    progress(f"Building {backend.name} on {target}")
-    started = time.perf_counter()
-    backend.build(module, graph_spec, samples, target)
-    build_seconds = time.perf_counter() - started
-
-    accuracy = compare_outputs(reference, [sample.run(backend.infer) for sample in samples])
-    quant = None if options.backend == "eager" else quantization_name(backend.config.quantization_config)
-    min_cosine = options.min_cosine if options.min_cosine is not None else DEFAULT_MIN_COSINE.get(
-        quant or "eager", CUSTOM_CONFIG_MIN_COSINE)
-    progress(f"Accuracy against the original: cosine {accuracy.cosine:.6f}, max abs error {accuracy.max_abs_error:.3g}")
-    if not accuracy.cosine >= min_cosine:
-        raise ArchiveError(
-            f"Accuracy check failed: cosine {accuracy.cosine:.6f} < required {min_cosine} "
-            f"(missed by {min_cosine - accuracy.cosine:.6f}); try another quantization, or accept it with "
-            "--min-cosine"
-        )
+    tuning: list[TuneReport] = []
+    if options.tune is None:
+        progress(f"Building {backend.name} on {target}")
+        started = time.perf_counter()
+        backend.build(module, graph_spec, samples, target)
+        build_seconds = time.perf_counter() - started
+        accuracy = compare_outputs(reference, [sample.run(backend.infer) for sample in samples])
+        quant = quantization_of(backend)
+        min_cosine = min_cosine_for(quant, options.min_cosine)
+        progress(f"Accuracy against the original: cosine {accuracy.cosine:.6f}, max abs error {accuracy.max_abs_error:.3g}")
+        if not accuracy.cosine >= min_cosine:
+            raise ArchiveError(
+                f"Accuracy check failed: cosine {accuracy.cosine:.6f} < required {min_cosine} "
+                f"(missed by {min_cosine - accuracy.cosine:.6f}); try another quantization, or accept it with "
+                "--min-cosine"
+            )
+        variants = []
+        checkpoints = {CHECKPOINT_NAME: backend}
+    else:
+        for device in options.tune_devices or [options.device]:
+            tuning.append(tune(module, graph_spec, samples, reference, _tune_device(device), options.tune,
+                               options.min_cosine, progress=progress))
+            progress(f"Tuning report on {device}:\n{tuning[-1].table()}")
+        picked = pick_variants(tuning)
+        variants = [variant for variant, _ in picked]
+        checkpoints = {variant.checkpoint: result.backend for variant, result in picked}
+        primary = picked[0][1]
+        backend, accuracy, quant = primary.backend, primary.accuracy, primary.quantization
+        min_cosine, build_seconds = primary.min_cosine, primary.build_s
+        progress("Variants: " + "; ".join(f"{v.name} ({v.describe}) for {v.needs()}" for v in variants))
 
     request = _check_text_codec(options, backend)
     if request is None and options.max_batch_size is not None:
@@ -149,7 +171,10 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
     }
     if request is not None:
         manifest["request"] = request
-    _package(options, backend, manifest, archive_path)
+    if variants:
+        manifest["variants"] = [variant.to_dict() for variant in variants]
+        manifest["tuning"] = [report.to_dict() for report in tuning]
+    _package(options, checkpoints, _tuning_files(tuning), manifest, archive_path)
     return ArchiveResult(
         archive_path=archive_path,
         backend=backend.name,
@@ -159,7 +184,29 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
         archive_bytes=_size(archive_path),
         fp32_weight_bytes=sum(t.numel() * t.element_size() for t in module.state_dict().values()),
         build_seconds=build_seconds,
+        tuning=tuning,
+        variants=variants,
     )
+
+
+def _tune_device(device: str) -> torch.device:
+    """A --tune-devices entry checked like --device."""
+    return make_backend("eager").check_device(device)
+
+
+def _tuning_files(reports: list[TuneReport]) -> dict[str, bytes]:
+    """The tuning report as JSON and markdown, and a PNG chart per device when matplotlib is here."""
+    if not reports:
+        return {}
+    files = {TUNING_REPORT + ".json": json.dumps([r.to_dict() for r in reports], indent=2).encode(),
+             TUNING_REPORT + ".md": "\n\n".join(f"## {r.device}: {r.strategy}\n\n{r.table()}\n\n{r.reason}"
+                                                for r in reports).encode()}
+    with tempfile.TemporaryDirectory() as tmp:
+        for index, report in enumerate(reports):
+            chart = Path(tmp) / f"{TUNING_REPORT}-{index}.png"
+            if report.chart(chart):
+                files[chart.name] = chart.read_bytes()
+    return files
 
 
 def _check_text_codec(options: ArchiveOptions, backend: Backend) -> dict[str, Any] | None:
@@ -196,7 +243,15 @@ def _check_options(options: ArchiveOptions) -> tuple[Backend, torch.device]:
         raise ArchiveError(f"--max-batch-size must be at least 1, got {options.max_batch_size}")
     if not isinstance(options.model_kwargs, dict):
         raise ArchiveError(f"--model-kwargs must be a JSON object, got {options.model_kwargs!r}")
-    backend = make_backend(options.backend, options.quantization, options.checkpoint_weights)
+    backend = make_backend(options.backend, options.quantization, options.checkpoint_weights, options.compile)
+    if options.tune is not None:
+        backend = make_backend("eager")
+        unknown = sorted(set(options.tune.candidates or ()) - set(candidate_names()))
+        if unknown:
+            raise ArchiveError(f"--candidates: unknown {', '.join(unknown)}; expected some of "
+                               f"{', '.join(candidate_names())}")
+        for device in options.tune_devices:
+            backend.check_device(device)
     return backend, backend.check_device(options.device)
 
 
@@ -240,8 +295,12 @@ def handler_path() -> Path:
     raise ArchiveError(f"The handler {HANDLER_FILE} is not installed: looked in {', '.join(map(str, candidates))}")
 
 
-def _package(options: ArchiveOptions, backend: Backend, manifest: dict[str, Any], archive_path: Path) -> None:
-    """Stage checkpoint, model file and manifest, run torch-model-archiver, move the result into place."""
+def _package(options: ArchiveOptions, checkpoints: dict[str, Backend], extra_files: dict[str, bytes],
+             manifest: dict[str, Any], archive_path: Path) -> None:
+    """Stage checkpoints, model file and manifest, run torch-model-archiver, move the result into place.
+
+    ``checkpoints`` maps file names to built backends; the first is TorchServe's serialized file.
+    """
     export_path = Path(options.export_path)
     export_path.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{options.model_name}-", dir=export_path))
@@ -249,18 +308,23 @@ def _package(options: ArchiveOptions, backend: Backend, manifest: dict[str, Any]
         files, out, tmp = staging / "files", staging / "out", staging / "tmp"
         for folder in (files, out, tmp):
             folder.mkdir()
-        checkpoint = files / CHECKPOINT_NAME
-        save_checkpoint(backend.to_dict(), checkpoint)
-        extra = [files / options.model_file.name]
-        shutil.copyfile(options.model_file, extra[0])
+        saved = []
+        for name, backend in checkpoints.items():
+            saved.append(files / name)
+            save_checkpoint(backend.to_dict(), saved[-1])
+        extra = [*saved[1:], files / options.model_file.name]
+        shutil.copyfile(options.model_file, files / options.model_file.name)
         if options.text_tokenizer is not None:
             extra.append(files / options.text_tokenizer.name)
             shutil.copyfile(options.text_tokenizer, extra[-1])
-        write_manifest(files, manifest, [checkpoint, *extra])
+        for name, data in extra_files.items():
+            extra.append(files / name)
+            extra[-1].write_bytes(data)
+        write_manifest(files, manifest, [saved[0], *extra])
         command = [
             sys.executable, "-m", "model_archiver.model_packaging",
             "--model-name", options.model_name, "--version", options.version,
-            "--handler", str(handler_path()), "--serialized-file", str(checkpoint),
+            "--handler", str(handler_path()), "--serialized-file", str(saved[0]),
             "--extra-files", ",".join(str(path) for path in [*extra, files / MANIFEST_NAME]),
             "--export-path", str(out), "--archive-format", options.archive_format,
         ]
@@ -301,6 +365,10 @@ def summary_table(result: ArchiveResult) -> str:
                          f"the fp32 weights ({result.fp32_weight_bytes / 1e6:.2f} MB)"),
         ("build time", f"{result.build_seconds:.2f} s"),
     ]
+    for report in result.tuning:
+        rows.append((f"tuned on {report.device}", f"{report.strategy}: {report.reason}"))
+    for variant in result.variants:
+        rows.append((f"variant {variant.name}", f"{variant.describe} for {variant.needs()}"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 
@@ -321,6 +389,8 @@ def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
                              "repeat it: a dim whose size differs between samples is dynamic when served")
     parser.add_argument("--backend", default="torchao", choices=sorted(BACKENDS))
     parser.add_argument("--quantization", choices=sorted(QUANTIZATIONS), help="torchao only; default int8wo")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the torchao module through torch.compile (compiled when the worker starts)")
     parser.add_argument("--checkpoint-weights", default="quantized", choices=CHECKPOINT_WEIGHTS,
                         help="store quantized weights (fast start) or the original ones (quantize at start)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda:N: where the backend is built")
@@ -336,7 +406,30 @@ def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
                         help="tokenizer.json: serve {\"text\": [...]} through forward(input_ids, attention_mask)")
     parser.add_argument("--text-max-tokens", type=int, default=256, help="truncate each text to this many tokens")
     parser.add_argument("--text-output-key", default="embeddings", help="the answer's key for the model output")
+    tuning = parser.add_argument_group("tuning (--tune)")
+    tuning.add_argument("--tune", action="store_true",
+                        help="measure eager, compile and each quantization the device can run (with and without "
+                             "compile), keep the fastest that passes the accuracy gate; --backend/--quantization "
+                             "are then ignored")
+    tuning.add_argument("--strategy", default="max-throughput", choices=STRATEGIES)
+    tuning.add_argument("--budget-ms", type=float, help="latency-budget: the p90 latency one call may take")
+    tuning.add_argument("--batch-sizes", default="1,8,32", help="batch sizes to measure, e.g. 1,8,32")
+    tuning.add_argument("--candidates", help=f"comma-separated subset of: {', '.join(candidate_names())}")
+    tuning.add_argument("--tune-devices", help="devices to tune on, one variant each, e.g. cpu,cuda:0 "
+                                               "(default: --device)")
     args = parser.parse_args(argv)
+    tune_options = None
+    if args.tune:
+        try:
+            tune_options = TuneOptions(
+                strategy=args.strategy, budget_ms=args.budget_ms,
+                batch_sizes=tuple(int(size) for size in args.batch_sizes.split(",")),
+                candidates=tuple(args.candidates.split(",")) if args.candidates else None)
+        except ValueError as error:
+            parser.error(str(error) if "invalid literal" not in str(error)
+                         else f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
+    elif any(value is not None for value in (args.budget_ms, args.candidates, args.tune_devices)):
+        parser.error("--budget-ms, --candidates and --tune-devices apply with --tune only")
     try:
         model_kwargs = json.loads(args.model_kwargs)
     except json.JSONDecodeError as error:
@@ -346,11 +439,12 @@ def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
     return ArchiveOptions(
         model_name=args.model_name, model_file=args.model_file, samples=args.samples, model_class=args.model_class,
         model_kwargs=model_kwargs, weights=args.weights, backend=args.backend, quantization=args.quantization,
-        checkpoint_weights=args.checkpoint_weights, device=args.device, export_path=args.export_path,
+        checkpoint_weights=args.checkpoint_weights, compile=args.compile, device=args.device, export_path=args.export_path,
         version=args.version, config_file=args.config_file, min_cosine=args.min_cosine, force=args.force,
         archive_format=args.archive_format, text_tokenizer=args.text_tokenizer,
         text_max_tokens=args.text_max_tokens, text_output_key=args.text_output_key,
-        max_batch_size=args.max_batch_size,
+        max_batch_size=args.max_batch_size, tune=tune_options,
+        tune_devices=args.tune_devices.split(",") if args.tune_devices else [],
     )
 
 

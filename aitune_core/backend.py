@@ -106,6 +106,8 @@ class Backend(abc.ABC):
         self._config = config
         self._device = torch.device("cpu")
         self.state = BackendState.INIT
+        # torch.compile's wrapper of self._module, when the backend compiles; infer runs it.
+        self._compiled: Any = None
 
     # -- properties -------------------------------------------------------------------------
     @property
@@ -122,6 +124,11 @@ class Backend(abc.ABC):
     def is_active(self) -> bool:
         """True when ``infer`` may be called (ACTIVE or DEPLOYED)."""
         return self.state in (BackendState.ACTIVE, BackendState.DEPLOYED)
+
+    @property
+    def compiles(self) -> bool:
+        """True when the backend runs torch.compile at deploy (its first calls compile)."""
+        return False
 
     @property
     def config(self) -> BackendConfig:
@@ -326,7 +333,7 @@ class Backend(abc.ABC):
         if device.type != "cpu":  # requests are decoded on the CPU; walking them costs ~20 us
             args = map_tensors(args, lambda t: t.to(device))
             kwargs = map_tensors(kwargs, lambda t: t.to(device))
-        return self._module(*args, **kwargs)
+        return (self._module if self._compiled is None else self._compiled)(*args, **kwargs)
 
 
 def library_versions() -> dict[str, str]:

@@ -63,6 +63,15 @@ class Sample:
         """Call ``module`` on this sample."""
         return module(*self.args, **self.kwargs)
 
+    def with_rows(self, rows: int) -> "Sample":
+        """This sample with ``rows`` rows in dim 0 of every tensor (its rows repeated or cut)."""
+        def resize(tensor: torch.Tensor) -> torch.Tensor:
+            if not tensor.dim() or tensor.shape[BATCH_DIM] == 0:
+                return tensor
+            repeats = -(-rows // tensor.shape[BATCH_DIM])
+            return tensor.repeat(repeats, *[1] * (tensor.dim() - 1))[:rows]
+        return Sample(args=map_tensors(self.args, resize), kwargs=map_tensors(self.kwargs, resize))
+
 
 def map_tensors(value: Any, fn) -> Any:
     """``value`` with ``fn`` applied to every tensor inside tuples, lists and dicts."""

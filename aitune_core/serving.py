@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +20,23 @@ from aitune_core.errors import BadRequestError
 from aitune_core.graph_spec import flatten_tensors
 from aitune_core.modules import load_module_class
 from aitune_core.payload import parse_json_body
+from aitune_core.variants import Variant, choose_variant
 
 logger = logging.getLogger(__name__)
 
 
+INDUCTOR_CACHE = "inductor-cache"
+
+
 @dataclasses.dataclass
 class LoadedModel:
-    """A DEPLOYED backend, the archive's manifest, and the codec its requests go through."""
+    """A DEPLOYED backend, the archive's manifest, the codec its requests go through, and what the
+    worker should log about how it got there (the variant chosen, compilation)."""
 
     backend: Backend
     manifest: dict[str, Any]
     codec: Codec
+    notes: list[str] = dataclasses.field(default_factory=list)
 
 
 def serving_device(gpu_id: int | None) -> torch.device:
@@ -39,22 +47,50 @@ def serving_device(gpu_id: int | None) -> torch.device:
 
 
 def load_model(model_dir: Path | str, device: torch.device) -> LoadedModel:
-    """Verify, load and deploy an unpacked archive; warm it up on its smallest recorded sample.
+    """Verify, load and deploy an unpacked archive, then warm it up.
 
-    The sha256 of every file is checked before the model file is imported or the checkpoint read.
+    The sha256 of every file is checked before the model file is imported or a checkpoint read.
+    A tuned archive holds variants: the most specific one ``device`` can run is deployed.
     """
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
+    notes = []
+    checkpoint = manifest["checkpoint"]
+    if "variants" in manifest:
+        variant, why = choose_variant([Variant.from_dict(v) for v in manifest["variants"]], device)
+        checkpoint = variant.checkpoint
+        notes.append(f"variant {variant.name!r}: {why}")
     model = manifest["model"]
     module_class = load_module_class(model_dir / check_file_name(model["file"]), model["class"])
     module = module_class(**model["kwargs"])
-    state = load_checkpoint(model_dir / check_file_name(manifest["checkpoint"]))
+    state = load_checkpoint(model_dir / check_file_name(checkpoint))
     backend = backend_from_dict(module, state)
+    if backend.compiles:
+        # Kept in the model folder, so a restarted worker reuses what the first one compiled.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(model_dir / INDUCTOR_CACHE)
     backend.deploy(device)
-    smallest = min(backend.samples, key=lambda sample: sum(t.numel() for t in flatten_tensors(sample.args)))
-    smallest.run(backend.infer)
+    notes += warm_up(backend)
     codec = make_codec(manifest.get("request"), model_dir, backend.graph_spec)
-    return LoadedModel(backend=backend, manifest=manifest, codec=codec)
+    return LoadedModel(backend=backend, manifest=manifest, codec=codec, notes=notes)
+
+
+def warm_up(backend: Backend) -> list[str]:
+    """Run the smallest recorded sample; a compiling backend also at 2 rows and on each distinct
+    sample, so the recompiles for a dynamic batch dim (and sequence length) happen now, not on a
+    request. Returns what to log about the compilation."""
+    samples = sorted(backend.samples, key=lambda sample: sum(t.numel() for t in flatten_tensors(sample.args)))
+    if not backend.compiles:
+        samples[0].run(backend.infer)
+        return []
+    from torch._dynamo.utils import counters
+
+    started = time.perf_counter()
+    for sample in samples:
+        for rows in (1, 2):
+            sample.with_rows(rows).run(backend.infer)
+    inductor = counters["inductor"]
+    return [f"compiled in {time.perf_counter() - started:.1f} s ({inductor['fxgraph_cache_hit']} graphs from the "
+            f"inductor cache, {inductor['fxgraph_cache_miss']} compiled anew)"]
 
 
 def answer_batch(model: LoadedModel, requests: list[tuple[dict[str, Any], str | None]]) -> list[Reply]:

@@ -37,8 +37,9 @@ class AITuneHandler(BaseHandler):
         self.context = context
         self.batching = (properties.get("batch_size") or 1) > 1
         self.initialized = True
-        logger.info("AITune: model %s ready: %s on %s in %.0f ms", context.model_name, self.model.backend.describe(),
-                    device, (time.perf_counter() - started) * 1000)
+        notes = "".join(f"; {note}" for note in self.model.notes)
+        logger.info("AITune: model %s ready: %s on %s in %.0f ms%s", context.model_name,
+                    self.model.backend.describe(), device, (time.perf_counter() - started) * 1000, notes)
 
     def handle(self, data, context):
         """Decode and check each request, run one ``infer`` per compatible group, encode."""

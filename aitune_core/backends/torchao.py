@@ -26,6 +26,7 @@ from torchao.quantization import (
 )
 
 from aitune_core.backend import Backend, BackendConfig, changed_fields
+from aitune_core.backends.compile import compile_module
 from aitune_core.devices import cuda_capability
 from aitune_core.errors import CheckpointError, UnsupportedDeviceError
 from aitune_core.graph_spec import GraphSpec, Sample
@@ -40,6 +41,7 @@ QUANTIZATIONS: dict[str, type[AOBaseConfig]] = {
     "fp8dq": Float8DynamicActivationFloat8WeightConfig,
 }
 DEFAULT_QUANTIZATION = "int8wo"
+COMPILE_MODE = "default"
 CHECKPOINT_WEIGHTS = ("quantized", "original")
 # fp8 matmuls with dynamically quantized activations need Ada/Hopper tensor cores.
 FP8_DYNAMIC_MIN_CAPABILITY = (8, 9)
@@ -67,11 +69,13 @@ class TorchAOBackendConfig(BackendConfig):
     Exactly one of ``quantization`` and ``quantization_config`` must be given.
     ``checkpoint_weights`` says what ``to_dict`` stores: "quantized" weights (loads fast) or
     "original" weights (quantized again at deploy; portable across torchao versions).
+    ``compile`` runs the quantized module through torch.compile (compiled at deploy).
     """
 
     quantization: str | None = None
     quantization_config: AOBaseConfig | None = None
     checkpoint_weights: str = "quantized"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.quantization is not None and self.quantization_config is not None:
@@ -96,6 +100,7 @@ class TorchAOBackendConfig(BackendConfig):
         return {
             "quantization_config": config_to_dict(self.quantization_config),
             "checkpoint_weights": self.checkpoint_weights,
+            "compile": self.compile,
         }
 
     @classmethod
@@ -104,6 +109,7 @@ class TorchAOBackendConfig(BackendConfig):
         return cls(
             quantization_config=load_torchao_config(config_dict["quantization_config"]),
             checkpoint_weights=config_dict.get("checkpoint_weights", "quantized"),
+            compile=config_dict.get("compile", False),
         )
 
     def describe(self) -> str:
@@ -112,6 +118,8 @@ class TorchAOBackendConfig(BackendConfig):
         text = f"quantization_config={type(quant).__name__}({','.join(changed_fields(quant))})"
         if self.checkpoint_weights != "quantized":
             text += f",checkpoint_weights={self.checkpoint_weights!r}"
+        if self.compile:
+            text += ",compile=True"
         return text
 
 
@@ -163,8 +171,16 @@ class TorchAOBackend(Backend):
         # The unquantized module, held only while the original weights are still needed.
         self._orig_module: torch.nn.Module | None = None
 
+    @property
+    def compiles(self) -> bool:
+        return self._config.compile
+
     def _check_device(self, device: torch.device) -> None:
         check_device_can_run(self._config.quantization_config, device)
+
+    def _compile(self) -> None:
+        if self._config.compile:
+            self._compiled = compile_module(self._module, COMPILE_MODE)
 
     def _quantize(self, module: torch.nn.Module) -> torch.nn.Module:
         """Quantize ``module`` (already on the target device) in place and return it."""
@@ -179,11 +195,12 @@ class TorchAOBackend(Backend):
     def _build(self, module: torch.nn.Module, graph_spec: GraphSpec, data: list[Sample],
                device: torch.device, cache_dir: Path | None) -> None:
         self._module = self._quantize(module_on(module, device))
+        self._compile()
         if self._config.checkpoint_weights == "original":
             self._orig_module = module
 
     def _activate(self) -> None:
-        if self._module is None:
+        if self._module is None or self._config.compile and self._compiled is None:
             self._deploy(self._device)
         else:
             super()._activate()
@@ -195,6 +212,7 @@ class TorchAOBackend(Backend):
             self._orig_module = None
         else:
             self._module.to(device)
+        self._compile()
 
     def to_dict(self) -> dict[str, Any]:
         """Common state plus the quantized weights, or the original ones in re-quantize mode."""
