@@ -278,19 +278,18 @@ def choose(results: list[CandidateResult], options: TuneOptions) -> tuple[str, s
     else:
         winner = max(fitting, key=lambda name: fitting[name][0])
         unit = "latency" if options.strategy == "min-latency" else "rows/s"
+        budget = f", p90 within the {options.budget_ms} ms budget" if options.strategy == "latency-budget" else ""
+        reason = f"the best {unit}{budget}"
         if winner != EAGER and scored[EAGER] is not None:
             size = fitting[winner][1]
             gain = fitting[winner][0] / scored[EAGER][0] - 1
-            spread = eager.timings[size].p90_ms / eager.timings[size].median_ms - 1
-            noise = max(options.min_gain, spread)
+            noise = max(options.min_gain, eager.timings[size].p90_ms / eager.timings[size].median_ms - 1)
             if gain <= noise:
                 reason = (f"the best, {winner}, was only {gain:+.1%} {unit} against eager, within the noise "
                           f"({noise:.1%}): eager kept")
                 winner = EAGER
             else:
-                reason = f"{gain:+.1%} {unit} against eager at batch {size} (noise {noise:.1%})"
-        else:
-            reason = f"the best {unit}" + (" within the latency budget" if options.strategy == "latency-budget" else "")
+                reason = f"{gain:+.1%} {unit} against eager at batch {size} (noise {noise:.1%}){budget}"
     for r in results:
         if r.name == winner:
             r.outcome = "chosen"

@@ -47,24 +47,26 @@ class Variant:
             return f"a CUDA GPU with compute capability >= {self.min_capability[0]}.{self.min_capability[1]}"
         return "a CUDA GPU" if self.device_type == "cuda" else "a CPU"
 
-    def runs_on(self, device: torch.device) -> bool:
-        if self.device_type not in (ANY_DEVICE, device.type):
+    def runs_on(self, device_type: str, capability: tuple[int, int] | None) -> bool:
+        """True when a device of ``device_type`` (with CUDA compute ``capability``) can run it."""
+        if self.device_type not in (ANY_DEVICE, device_type):
             return False
-        capability = cuda_capability(device)
-        return not self.min_capability or capability is not None and capability >= self.min_capability
+        return not self.min_capability or capability is not None and tuple(capability) >= self.min_capability
 
 
 def _specificity(variant: Variant) -> tuple[int, tuple[int, int]]:
     return (variant.device_type != ANY_DEVICE, variant.min_capability or (0, 0))
 
 
-def choose_variant(variants: list[Variant], device: torch.device) -> tuple[Variant, str]:
+def choose_variant(variants: list[Variant], device: torch.device,
+                   capability: tuple[int, int] | None = None) -> tuple[Variant, str]:
     """The most specific variant ``device`` can run, and a sentence saying why; UnsupportedDeviceError
-    when none can."""
+    when none can. ``capability`` defaults to the device's own CUDA compute capability."""
+    capability = capability if capability is not None else cuda_capability(device)
     ordered = sorted(variants, key=_specificity, reverse=True)
     skipped = []
     for variant in ordered:
-        if variant.runs_on(device):
+        if variant.runs_on(device.type, capability):
             why = variant.reason
             if skipped:
                 why += "; skipped " + "; ".join(skipped)

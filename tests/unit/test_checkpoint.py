@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from aitune_core import CheckpointError, TorchAOBackend, TorchAOBackendConfig, TorchEagerBackend
-from aitune_core.backends import backend_from_dict
+from aitune_core.backends import TorchCompileBackend, backend_from_dict
 from aitune_core.checkpoint import MANIFEST_NAME, load_checkpoint, read_manifest, save_checkpoint, write_manifest
 from models.small import MLP, seeded_mlp
 
@@ -22,6 +22,8 @@ CASES = {
     "fp8wo": lambda: TorchAOBackend(TorchAOBackendConfig(quantization="fp8wo")),
     "int8wo-requantize": lambda: TorchAOBackend(TorchAOBackendConfig(quantization="int8wo",
                                                                      checkpoint_weights="original")),
+    "compile": TorchCompileBackend,
+    "int8wo+compile": lambda: TorchAOBackend(TorchAOBackendConfig(quantization="int8wo", compile=True)),
 }
 
 

@@ -31,7 +31,8 @@ def test_serving_device_without_cuda():
         assert serving_device(0) == torch.device("cpu")
 
 
-@pytest.mark.parametrize("backend, quantization", [("eager", None), ("torchao", "int8wo"), ("torchao", "int8dq")])
+@pytest.mark.parametrize("backend, quantization", [("eager", None), ("torchao", "int8wo"), ("torchao", "int8dq"),
+                                                   ("compile", None)])
 def test_loaded_archive_answers_like_the_original(tmp_path, backend, quantization):
     from models.small import seeded_mlp
 
@@ -46,6 +47,10 @@ def test_loaded_archive_answers_like_the_original(tmp_path, backend, quantizatio
     got = torch.tensor(reply.body)
     assert got.shape == (3, 8)
     assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > manifest["accuracy"]["min_cosine"]
+    if backend == "compile":
+        assert loaded.backend.compiles
+        assert (model_dir / "inductor-cache").is_dir()
+        assert "compiled in" in loaded.notes[0] and "graphs from the inductor cache" in loaded.notes[0]
 
 
 def test_batch_with_bad_requests_answers_the_good_ones(tmp_path):
@@ -112,4 +117,37 @@ def test_manifest_cannot_point_outside_the_model_dir(tmp_path):
     manifest["checkpoint"] = "../../inputs/weights.pt"
     (model_dir / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="plain file name"):
+        load_model(model_dir, torch.device("cpu"))
+
+
+def test_worker_deploys_the_variant_its_device_can_run(tmp_path):
+    from aitune_core import TorchAOBackend, TorchAOBackendConfig
+    from aitune_core.checkpoint import read_manifest, save_checkpoint, write_manifest
+    from aitune_core.errors import UnsupportedDeviceError
+    from aitune_core.graph_spec import Sample
+    from aitune_core.tune import TuneOptions
+    from aitune_core.variants import Variant
+    from models.small import seeded_mlp
+
+    model_dir = unpacked(tmp_path, MODELS / "small.py", mlp_inputs,
+                         tune=TuneOptions(candidates=("int8wo",), batch_sizes=(1,), repeats=3, max_seconds=0.1))
+    manifest = read_manifest(model_dir)
+    [cpu_variant] = manifest["variants"]
+    assert cpu_variant["device_type"] == "cpu"
+    # A GPU-only variant next to it, as an archive tuned on an H100 would carry.
+    gpu = TorchAOBackend(TorchAOBackendConfig(quantization="int8wo"))
+    gpu.build(seeded_mlp(), None, [Sample.of(torch.zeros(2, 32))], "cpu")
+    save_checkpoint(gpu.to_dict(), model_dir / "checkpoint-cuda-sm89.pt")
+    gpu_variant = Variant("cuda-sm89", "checkpoint-cuda-sm89.pt", "cuda", (8, 9), gpu.describe(), "fp8dq won on cuda:0")
+    files = [model_dir / name for name in manifest.pop("files")] + [model_dir / "checkpoint-cuda-sm89.pt"]
+    manifest.pop("format_version")
+    manifest["variants"] = [gpu_variant.to_dict(), cpu_variant]
+    write_manifest(model_dir, manifest, files)
+    loaded = load_model(model_dir, torch.device("cpu"))
+    assert loaded.backend.describe() == cpu_variant["describe"]
+    assert "variant 'cpu'" in loaded.notes[0]
+    assert "skipped 'cuda-sm89' (needs a CUDA GPU with compute capability >= 8.9)" in loaded.notes[0]
+    manifest["variants"] = [gpu_variant.to_dict()]
+    write_manifest(model_dir, manifest, files)
+    with pytest.raises(UnsupportedDeviceError, match="No variant in this archive runs on cpu: 'cuda-sm89'"):
         load_model(model_dir, torch.device("cpu"))

@@ -1,4 +1,4 @@
-"""Every cell of the state x method table in DESIGN.md, for both backends."""
+"""Every cell of the state x method table in DESIGN.md, for each backend."""
 
 import io
 
@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from aitune_core import BackendState, TorchAOBackend, TorchAOBackendConfig, TorchEagerBackend
+from aitune_core.backends import TorchCompileBackend
 from models.small import seeded_mlp
 
 BACKENDS = {
     "eager": lambda: TorchEagerBackend(),
     "int8wo": lambda: TorchAOBackend(TorchAOBackendConfig(quantization="int8wo")),
+    "compile": lambda: TorchCompileBackend(),
 }
 SAMPLE = torch.randn(4, 32, generator=torch.Generator().manual_seed(1))
 

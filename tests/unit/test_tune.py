@@ -1,0 +1,218 @@
+"""Tuning: the strategy picks what the measurements say, accuracy gates come first, variants by device."""
+
+import json
+import time
+import zipfile
+
+import pytest
+import torch
+
+from aitune_core.archive import ArchiveOptions, archive_model, parse_args
+from aitune_core.backends import TorchEagerBackend
+from aitune_core.checkpoint import MANIFEST_NAME
+from aitune_core.errors import ArchiveError, UnsupportedDeviceError
+from aitune_core.graph_spec import GraphSpec, Sample
+from aitune_core.tune import (
+    Candidate,
+    CandidateResult,
+    Timing,
+    TuneOptions,
+    TuneReport,
+    choose,
+    make_candidate,
+    pick_variants,
+    tune,
+)
+from aitune_core.variants import Variant, choose_variant
+from models.builders import MODELS, mlp_inputs
+from models.small import seeded_mlp
+
+SAMPLE = torch.randn(4, 32, generator=torch.Generator().manual_seed(5))
+QUICK = dict(batch_sizes=(1, 4), repeats=5, max_seconds=0.2)
+
+
+class Sleepy(torch.nn.Module):
+    """An MLP whose forward waits ``delay`` seconds: what a slow kernel looks like from outside."""
+
+    def __init__(self, delay: float = 0.01) -> None:
+        super().__init__()
+        self.mlp = seeded_mlp()
+        self.delay = delay
+
+    def forward(self, x):
+        time.sleep(self.delay)
+        return self.mlp(x)
+
+
+class FastBackend(TorchEagerBackend):
+    """Made fast on purpose: drops the module's wait."""
+
+    def _build(self, module, graph_spec, data, device, cache_dir):
+        super()._build(module, graph_spec, data, device, cache_dir)
+        self._module.delay = 0.0
+
+
+class SlowBackend(TorchEagerBackend):
+    """Made slow on purpose: waits 20 ms more per call."""
+
+    def _infer(self, *args, **kwargs):
+        time.sleep(0.02)
+        return super()._infer(*args, **kwargs)
+
+
+class WrongBackend(FastBackend):
+    """The fastest of all, and wrong: its outputs are noise."""
+
+    def _infer(self, *args, **kwargs):
+        return torch.randn_like(super()._infer(*args, **kwargs))
+
+
+def run_tune(candidates, module=None, **options):
+    module = module or Sleepy()
+    samples = [Sample.of(SAMPLE)]
+    spec, reference = GraphSpec.record(module, samples)
+    return tune(module, spec, samples, reference, torch.device("cpu"), TuneOptions(**{**QUICK, **options}),
+                candidates=candidates, progress=lambda line: None)
+
+
+@pytest.mark.parametrize("strategy, budget", [("max-throughput", None), ("min-latency", None),
+                                              ("latency-budget", 5.0)])
+def test_the_strategy_picks_the_fast_backend_and_never_the_slow_one(strategy, budget):
+    report = run_tune([Candidate("slow", SlowBackend), Candidate("fast", FastBackend)],
+                      strategy=strategy, budget_ms=budget)
+    assert report.winner == "fast", report.table()
+    assert [r.name for r in report.results] == ["eager", "slow", "fast"]
+    slow, fast, eager = report.result("slow"), report.result("fast"), report.result("eager")
+    assert slow.timings[1].median_ms > eager.timings[1].median_ms > fast.timings[1].median_ms
+    assert slow.outcome.startswith("lost") and eager.outcome.startswith("lost")
+
+
+def test_a_candidate_that_fails_accuracy_is_never_chosen():
+    report = run_tune([Candidate("wrong", WrongBackend), Candidate("slow", SlowBackend)])
+    wrong = report.result("wrong")
+    assert wrong.outcome.startswith("out: accuracy cosine") and not wrong.timings
+    assert report.winner == "eager"
+
+
+def test_slower_than_eager_keeps_eager():
+    report = run_tune([Candidate("slow", SlowBackend)], module=seeded_mlp())
+    assert report.winner == "eager"
+    assert report.result("slow").outcome == "lost: max-throughput score below eager"
+
+
+def result(name, rows_per_s, spread=0.02, quantization=None, sizes=(1, 8)):
+    timings = {b: Timing(median_ms=1000 * b / rows_per_s, p90_ms=1000 * b / rows_per_s * (1 + spread),
+                         rows_per_s=rows_per_s) for b in sizes}
+    return CandidateResult(name=name, quantization=quantization, timings=timings, backend=TorchEagerBackend())
+
+
+def test_a_gain_within_the_noise_keeps_eager():
+    results = [result("eager", 1000), result("int8wo", 1030)]
+    winner, reason = choose(results, TuneOptions(batch_sizes=(1, 8)))
+    assert winner == "eager" and "within the noise" in reason
+    winner, reason = choose([result("eager", 1000), result("int8wo", 1300)], TuneOptions(batch_sizes=(1, 8)))
+    assert winner == "int8wo" and "+30.0% rows/s against eager at batch 8" in reason
+
+
+def test_noise_is_at_least_eagers_own_spread():
+    results = [result("eager", 1000, spread=0.5), result("compile", 1400)]
+    assert choose(results, TuneOptions(batch_sizes=(1, 8)))[0] == "eager"
+
+
+def test_latency_budget_takes_the_best_throughput_that_fits():
+    eager = result("eager", 1000)  # b8 takes 8 ms
+    fast_small = result("compile", 3000)  # b8 takes 2.7 ms
+    options = TuneOptions(strategy="latency-budget", budget_ms=3.0, batch_sizes=(1, 8))
+    winner, reason = choose([eager, fast_small], options)
+    assert winner == "compile" and "p90 within the 3.0 ms budget" in reason
+    assert eager.outcome == "lost: latency-budget score below compile"
+    nothing_fits = TuneOptions(strategy="latency-budget", budget_ms=0.01, batch_sizes=(1, 8))
+    winner, reason = choose([result("eager", 1000), result("compile", 3000)], nothing_fits)
+    assert winner == "compile" and "no candidate's p90 fits" in reason
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"strategy": "fastest"}, "Unknown strategy 'fastest'"),
+    ({"strategy": "latency-budget"}, "needs --budget-ms"),
+    ({"batch_sizes": (0, 8)}, "--batch-sizes must be positive"),
+])
+def test_bad_tune_options(changes, message):
+    with pytest.raises(ValueError, match=message):
+        TuneOptions(**changes)
+
+
+def test_unknown_candidate():
+    with pytest.raises(ValueError, match="Unknown tuning candidate 'int4'"):
+        make_candidate("int4")
+
+
+def report_with(winner_result, others, device="cuda:0"):
+    results = [result("eager", 1000), winner_result, *others]
+    return TuneReport(device=device, strategy="max-throughput", budget_ms=None, batch_sizes=(1, 8),
+                      results=results, winner=winner_result.name, reason="measured")
+
+
+def test_variants_for_an_fp8dq_winner_cover_older_gpus_and_cpus():
+    fp8dq = result("fp8dq", 5000, quantization="fp8dq")
+    int8wo = result("int8wo", 2000, quantization="int8wo")
+    variants = [variant for variant, _ in pick_variants([report_with(fp8dq, [int8wo])])]
+    assert [(v.name, v.device_type, v.min_capability) for v in variants] == [
+        ("cuda-sm89", "cuda", (8, 9)), ("cuda", "cuda", None), ("eager", "any", None)]
+    assert variants[0].checkpoint == "checkpoint.pt"
+    cpu = torch.device("cpu")
+    assert choose_variant(variants, torch.device("cuda:0"), capability=(9, 0))[0].name == "cuda-sm89"
+    chosen, why = choose_variant(variants, torch.device("cuda:1"), capability=(8, 0))
+    assert chosen.name == "cuda" and "skipped 'cuda-sm89' (needs a CUDA GPU with compute capability >= 8.9)" in why
+    chosen, why = choose_variant(variants, cpu)
+    assert chosen.name == "eager" and "skipped 'cuda-sm89'" in why and "'cuda' (needs a CUDA GPU)" in why
+
+
+def test_a_cpu_tuned_archive_has_one_variant_and_no_variant_is_an_error():
+    eager_won = report_with(result("eager", 1000), [], device="cpu")
+    eager_won.results = eager_won.results[1:]
+    variants = [variant for variant, _ in pick_variants([eager_won])]
+    assert [(v.name, v.device_type) for v in variants] == [("cpu", "cpu")]
+    gpu_only = [Variant("cuda", "checkpoint.pt", "cuda", None, "x", "tuned on cuda:0")]
+    with pytest.raises(UnsupportedDeviceError, match="No variant in this archive runs on cpu"):
+        choose_variant(gpu_only, torch.device("cpu"))
+
+
+def test_archive_with_tune_keeps_the_report_and_serves_the_winner(tmp_path):
+    weights, samples = mlp_inputs(tmp_path / "inputs")
+    options = ArchiveOptions(model_name="tuned", model_file=MODELS / "small.py", weights=weights, samples=samples,
+                             export_path=tmp_path / "store",
+                             tune=TuneOptions(candidates=("int8wo", "int8dq", "fp8dq"), **QUICK))
+    lines = []
+    archived = archive_model(options, progress=lines.append)
+    assert any(line.startswith("tuning [") for line in lines)
+    report = archived.tuning[0]
+    assert [r.name for r in report.results] == ["eager", "int8wo", "int8dq", "fp8dq"]
+    assert report.result("fp8dq").outcome.startswith("out: Quantization fp8dq")
+    with zipfile.ZipFile(archived.archive_path) as archive:
+        names = set(archive.namelist())
+        manifest = json.loads(archive.read(MANIFEST_NAME))
+        table = archive.read("tuning_report.md").decode()
+    assert {"tuning_report.json", "tuning_report.md", "tuning_report-0.png"} <= names
+    assert all(name in table for name in ("eager", "int8wo", "int8dq", "fp8dq"))
+    assert manifest["variants"][0]["checkpoint"] == "checkpoint.pt"
+    assert manifest["tuning"][0]["winner"] == report.winner
+    assert manifest["describe"] == report.result(report.winner).describe
+
+
+def test_tune_cli_flags():
+    options = parse_args(["--model-name", "m", "--model-file", "m.py", "--sample", "s.pt", "--tune",
+                          "--strategy", "latency-budget", "--budget-ms", "5", "--batch-sizes", "1,4",
+                          "--candidates", "eager,int8wo+compile"])
+    assert options.tune == TuneOptions(strategy="latency-budget", budget_ms=5.0, batch_sizes=(1, 4),
+                                       candidates=("eager", "int8wo+compile"))
+    with pytest.raises(SystemExit):
+        parse_args(["--model-name", "m", "--model-file", "m.py", "--sample", "s.pt", "--budget-ms", "5"])
+
+
+def test_unknown_candidate_in_archive_options_writes_nothing(tmp_path):
+    weights, samples = mlp_inputs(tmp_path / "inputs")
+    with pytest.raises(ArchiveError, match="--candidates: unknown int3"):
+        archive_model(ArchiveOptions(model_name="m", model_file=MODELS / "small.py", weights=weights,
+                                     samples=samples, export_path=tmp_path / "store",
+                                     tune=TuneOptions(candidates=("int3",))))
+    assert not (tmp_path / "store").exists()
