@@ -150,6 +150,9 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
         min_cosine, build_seconds = primary.min_cosine, primary.build_s
         progress("Variants: " + "; ".join(f"{v.name} ({v.describe}) for {v.needs()}" for v in variants))
 
+    if backend.compiles:
+        progress("Note: this backend compiles when the worker starts (TorchServe's default startupTimeout is "
+                 "120 s): set a larger startupTimeout in --config-file for a big model")
     request = _check_text_codec(options, backend)
     if request is None and options.max_batch_size is not None:
         request = {"codec": "tensor", "max_batch_size": options.max_batch_size}

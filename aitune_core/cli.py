@@ -2,6 +2,7 @@
 
 import logging
 import sys
+import warnings
 
 # Harmless on a CPU or a GPU without those kernels: torchao's "Failed to load _C_*.so" and
 # torch's pytree deprecation notices, printed once per process at import.
@@ -15,6 +16,8 @@ def silence_import_notices() -> None:
     """
     for name in IMPORT_NOISE_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    # torch.compile of torchao's tensors: a note to torchao's developers, once per tensor class.
+    warnings.filterwarnings("ignore", message=".*does not implement _stable_hash_for_caching")
 
 
 def archive_main() -> int:

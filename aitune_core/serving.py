@@ -17,7 +17,7 @@ from aitune_core.backends import backend_from_dict
 from aitune_core.checkpoint import check_file_name, load_checkpoint, read_manifest
 from aitune_core.codecs import Codec, Reply, make_codec
 from aitune_core.errors import BadRequestError
-from aitune_core.graph_spec import flatten_tensors
+from aitune_core.graph_spec import BATCH_DIM, GraphSpec, Sample, flatten_tensors
 from aitune_core.modules import load_module_class
 from aitune_core.payload import parse_json_body
 from aitune_core.variants import Variant, choose_variant
@@ -75,22 +75,43 @@ def load_model(model_dir: Path | str, device: torch.device) -> LoadedModel:
 
 
 def warm_up(backend: Backend) -> list[str]:
-    """Run the smallest recorded sample; a compiling backend also at 2 rows and on each distinct
-    sample, so the recompiles for a dynamic batch dim (and sequence length) happen now, not on a
-    request. Returns what to log about the compilation."""
+    """Run the smallest recorded sample; returns what to log about compilation.
+
+    A compiling backend instead runs every sample at 1, 2 and 3 rows, as recorded and one shorter
+    along each other dynamic dim (e.g. a sequence length): torch.compile then has its graphs for
+    a batch of one and for any batch, at any length, before the first request (each new graph
+    would otherwise cost that request seconds).
+    """
     samples = sorted(backend.samples, key=lambda sample: sum(t.numel() for t in flatten_tensors(sample.args)))
     if not backend.compiles:
         samples[0].run(backend.infer)
         return []
     from torch._dynamo.utils import counters
 
+    inductor = counters["inductor"]
+    hits, misses = inductor["fxgraph_cache_hit"], inductor["fxgraph_cache_miss"]
     started = time.perf_counter()
     for sample in samples:
-        for rows in (1, 2):
-            sample.with_rows(rows).run(backend.infer)
-    inductor = counters["inductor"]
-    return [f"compiled in {time.perf_counter() - started:.1f} s ({inductor['fxgraph_cache_hit']} graphs from the "
-            f"inductor cache, {inductor['fxgraph_cache_miss']} compiled anew)"]
+        for variant in (sample, shorter(sample, backend.graph_spec)):
+            for rows in (1, 2, 3):
+                variant.with_rows(rows).run(backend.infer)
+    inductor = counters["inductor"]  # dynamo may have replaced the counter while compiling
+    return [f"compiled in {time.perf_counter() - started:.1f} s ({inductor['fxgraph_cache_hit'] - hits} graphs "
+            f"from the inductor cache, {inductor['fxgraph_cache_miss'] - misses} compiled anew)"]
+
+
+def shorter(sample: Sample, spec: GraphSpec) -> Sample:
+    """``sample`` with every top-level input tensor cut by one along its dynamic dims other than the batch dim."""
+    def cut(value: Any, node: dict[str, Any]) -> Any:
+        if not isinstance(value, torch.Tensor) or node.get("kind") != "tensor":
+            return value
+        for dim in node["dynamic_dims"]:
+            if dim != BATCH_DIM and value.shape[dim] > 1:
+                value = value.narrow(dim, 0, value.shape[dim] - 1)
+        return value
+
+    return Sample(args=tuple(cut(arg, node) for arg, node in zip(sample.args, spec.args)),
+                  kwargs={name: cut(value, spec.kwargs.get(name, {})) for name, value in sample.kwargs.items()})
 
 
 def answer_batch(model: LoadedModel, requests: list[tuple[dict[str, Any], str | None]]) -> list[Reply]:

@@ -148,7 +148,8 @@ class TuneReport:
             accuracy = f"{r.accuracy.cosine:.6f} ({r.min_cosine})" if r.accuracy else "-"
             latency = [f"{r.timings[b].median_ms:.2f}/{r.timings[b].p90_ms:.2f}" if b in r.timings else "-" for b in sizes]
             rate = [f"{r.timings[b].rows_per_s:.0f}" if b in r.timings else "-" for b in sizes]
-            row = [r.name, accuracy, f"{r.build_s:.2f}", f"{r.first_call_s:.2f}", f"{r.size_bytes / 1e6:.2f}",
+            size = f"{r.size_bytes / 1e6:.2f}" if r.size_bytes else "-"
+            row = [r.name, accuracy, f"{r.build_s:.2f}", f"{r.first_call_s:.2f}", size,
                    *latency, *rate, r.outcome]
             lines.append("| " + " | ".join(row) + " |")
         return "\n".join(lines)
@@ -225,7 +226,8 @@ def measure_candidate(candidate: Candidate, module: torch.nn.Module, graph_spec:
     try:
         backend.check_device(device)
     except UnsupportedDeviceError as error:
-        result.outcome = f"out: {error}"
+        needs = str(error).split(": ", 1)[-1].split(";")[0]
+        result.outcome = f"out: {device} cannot run it ({needs})"
         return result
     if backend.compiles:
         torch._dynamo.reset()  # each compiled candidate starts from a clean dynamo cache
@@ -279,7 +281,10 @@ def choose(results: list[CandidateResult], options: TuneOptions) -> tuple[str, s
         winner = max(fitting, key=lambda name: fitting[name][0])
         unit = "latency" if options.strategy == "min-latency" else "rows/s"
         budget = f", p90 within the {options.budget_ms} ms budget" if options.strategy == "latency-budget" else ""
-        reason = f"the best {unit}{budget}"
+        reason = f"the best {unit} at batch {fitting[winner][1]}{budget}"
+        runners_up = sorted((name for name in fitting if name != winner), key=lambda name: -fitting[name][0])
+        if runners_up:
+            reason += f"; next {runners_up[0]} ({fitting[runners_up[0]][0] / fitting[winner][0] - 1:+.0%})"
         if winner != EAGER and scored[EAGER] is not None:
             size = fitting[winner][1]
             gain = fitting[winner][0] / scored[EAGER][0] - 1

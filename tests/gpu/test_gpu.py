@@ -70,3 +70,23 @@ def test_deactivate_frees_gpu_memory(make):
     assert torch.cuda.memory_allocated(0) < before + (active - before) / 4
     backend.activate()
     assert backend.infer(sample).device.type == "cuda"
+
+
+def test_tune_on_cpu_and_cuda_keeps_a_variant_for_each(tmp_path):
+    from aitune_core.archive import ArchiveOptions, archive_model
+    from aitune_core.serving import load_model
+    from aitune_core.tune import TuneOptions
+    from models.builders import MODELS, mlp_inputs
+
+    weights, samples = mlp_inputs(tmp_path / "inputs")
+    result = archive_model(ArchiveOptions(
+        model_name="m", model_file=MODELS / "small.py", weights=weights, samples=samples,
+        export_path=tmp_path / "store", archive_format="no-archive", tune_devices=["cpu", "cuda:0"],
+        tune=TuneOptions(candidates=("int8wo", "fp8wo", "fp8dq"), batch_sizes=(1, 32), repeats=5)))
+    types = {variant.device_type for variant in result.variants}
+    assert {"cpu", "cuda"} <= types
+    on_gpu = load_model(result.archive_path, torch.device("cuda:0"))
+    assert on_gpu.backend.device == torch.device("cuda:0")
+    assert "variant 'cuda" in on_gpu.notes[0]
+    on_cpu = load_model(result.archive_path, torch.device("cpu"))
+    assert "variant 'cpu'" in on_cpu.notes[0]
