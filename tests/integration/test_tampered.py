@@ -32,8 +32,8 @@ def test_tampered_checkpoint_never_becomes_ready(tmp_path, model_store):
         assert "AITune: cannot load model tampered: sha256 mismatch for" in log
         assert "checkpoint.pt" in log and "re-archive the model" in log
         assert server.worker_pids("tampered") == []
-        status, body = server.predict("tampered", json.dumps([[0.0] * 32]))
-        assert status >= 500 and status != 200
+        status = server.status_within("tampered", json.dumps([[0.0] * 32]), timeout=15)
+        assert status is None or status >= 500, status  # TorchServe's 500/503/507 or no answer
         assert server.predict("good", json.dumps([[0.0] * 32]))[0] == 200
     finally:
         server.stop()

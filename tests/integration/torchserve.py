@@ -119,6 +119,18 @@ class TorchServe:
         except ValueError:
             return status, raw
 
+    def status_within(self, model: str, body: str, timeout: float) -> int | None:
+        """The HTTP status of a prediction, or None when no answer came within ``timeout`` s.
+
+        For a model that never gets READY, TorchServe answers 503 (no worker thread), 500 (the
+        worker it was handed to failed to start), or queues it while a worker restarts, possibly
+        for ever.
+        """
+        try:
+            return self.predict(model, body, timeout=timeout)[0]
+        except TimeoutError:
+            return None
+
     def describe(self, model: str) -> list[dict]:
         status, raw = self.request(self.management_port, "GET", f"/models/{model}",
                                    headers={"Authorization": f"Bearer {self.key('management')}"})
