@@ -412,8 +412,8 @@ def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
     tuning = parser.add_argument_group("tuning (--tune)")
     tuning.add_argument("--tune", action="store_true",
                         help="measure eager, compile and each quantization the device can run (with and without "
-                             "compile), keep the fastest that passes the accuracy gate; --backend/--quantization "
-                             "are then ignored")
+                             "compile), keep the fastest that passes the accuracy gate (replaces --backend, "
+                             "--quantization and --compile)")
     tuning.add_argument("--strategy", default="max-throughput", choices=STRATEGIES)
     tuning.add_argument("--budget-ms", type=float, help="latency-budget: the p90 latency one call may take")
     tuning.add_argument("--batch-sizes", default="1,8,32", help="batch sizes to measure, e.g. 1,8,32")
@@ -431,6 +431,9 @@ def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
         except ValueError as error:
             parser.error(str(error) if "invalid literal" not in str(error)
                          else f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
+        if args.quantization or args.compile or args.backend != "torchao":
+            parser.error("--tune chooses the backend itself: instead of --backend, --quantization or --compile, "
+                         "name the candidates with --candidates")
     elif any(value is not None for value in (args.budget_ms, args.candidates, args.tune_devices)):
         parser.error("--budget-ms, --candidates and --tune-devices apply with --tune only")
     try:

@@ -21,8 +21,10 @@ class TorchEagerBackendConfig(BackendConfig):
 class TorchEagerBackend(Backend):
     """Runs the module as it is, in eval mode, on the chosen device."""
 
-    def __init__(self, config: TorchEagerBackendConfig | None = None) -> None:
-        super().__init__(config or TorchEagerBackendConfig())
+    config_class: type[BackendConfig] = TorchEagerBackendConfig
+
+    def __init__(self, config: BackendConfig | None = None) -> None:
+        super().__init__(config or self.config_class())
         self._module: torch.nn.Module | None = None
 
     def _build(self, module: torch.nn.Module, graph_spec: GraphSpec, data: list[Sample],
@@ -37,7 +39,7 @@ class TorchEagerBackend(Backend):
     def from_dict(cls, module: torch.nn.Module | None, state_dict: dict[str, Any]) -> "TorchEagerBackend":
         """Load the stored weights into ``module``: CHECKPOINT_LOADED."""
         cls._check_state(module, state_dict)
-        backend = cls(TorchEagerBackendConfig.from_dict(state_dict["config"]))
+        backend = cls(cls.config_class.from_dict(state_dict["config"]))
         load_weights(module, state_dict["weights"], assign=False)
         backend._module = module.eval()
         backend._restore_common(state_dict)

@@ -207,6 +207,8 @@ def test_tune_cli_flags():
                                        candidates=("eager", "int8wo+compile"))
     with pytest.raises(SystemExit):
         parse_args(["--model-name", "m", "--model-file", "m.py", "--sample", "s.pt", "--budget-ms", "5"])
+    with pytest.raises(SystemExit):
+        parse_args(["--model-name", "m", "--model-file", "m.py", "--sample", "s.pt", "--tune", "--quantization", "int8dq"])
 
 
 def test_unknown_candidate_in_archive_options_writes_nothing(tmp_path):
