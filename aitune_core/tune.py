@@ -279,7 +279,7 @@ def choose(results: list[CandidateResult], options: TuneOptions) -> tuple[str, s
         winner = best.name
     else:
         winner = max(fitting, key=lambda name: fitting[name][0])
-        unit = "latency" if options.strategy == "min-latency" else "rows/s"
+        unit = "speed (1 / median latency)" if options.strategy == "min-latency" else "rows/s"
         budget = f", p90 within the {options.budget_ms} ms budget" if options.strategy == "latency-budget" else ""
         reason = f"the best {unit} at batch {fitting[winner][1]}{budget}"
         runners_up = sorted((name for name in fitting if name != winner), key=lambda name: -fitting[name][0])
