@@ -30,6 +30,7 @@ from aitune_core.backends import BACKENDS, QUANTIZATIONS, make_backend, quantiza
 from aitune_core.backends.torchao import CHECKPOINT_WEIGHTS
 from aitune_core.codecs import TextCodec, TextOptions
 from aitune_core.checkpoint import CHECKPOINT_NAME, MANIFEST_NAME, save_checkpoint, write_manifest
+from aitune_core.devices import parse_device
 from aitune_core.errors import AITuneError, ArchiveError
 from aitune_core.graph_spec import GraphSpec, Sample
 from aitune_core.modules import load_module_class, load_weights
@@ -139,7 +140,7 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
         checkpoints = {CHECKPOINT_NAME: backend}
     else:
         for device in options.tune_devices or [options.device]:
-            tuning.append(tune(module, graph_spec, samples, reference, _tune_device(device), options.tune,
+            tuning.append(tune(module, graph_spec, samples, reference, parse_device(device), options.tune,
                                options.min_cosine, progress=progress))
             progress(f"Tuning report on {device}:\n{tuning[-1].table()}")
         picked = pick_variants(tuning)
@@ -192,17 +193,12 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
     )
 
 
-def _tune_device(device: str) -> torch.device:
-    """A --tune-devices entry checked like --device."""
-    return make_backend("eager").check_device(device)
-
-
 def _tuning_files(reports: list[TuneReport]) -> dict[str, bytes]:
     """The tuning report as JSON and markdown, and a PNG chart per device when matplotlib is here."""
     if not reports:
         return {}
     files = {TUNING_REPORT + ".json": json.dumps([r.to_dict() for r in reports], indent=2).encode(),
-             TUNING_REPORT + ".md": "\n\n".join(f"## {r.device}: {r.strategy}\n\n{r.table()}\n\n{r.reason}"
+             TUNING_REPORT + ".md": "\n\n".join(f"## {r.device}: {r.options.strategy}\n\n{r.table()}\n\n{r.reason}"
                                                 for r in reports).encode()}
     with tempfile.TemporaryDirectory() as tmp:
         for index, report in enumerate(reports):
@@ -246,9 +242,10 @@ def _check_options(options: ArchiveOptions) -> tuple[Backend, torch.device]:
         raise ArchiveError(f"--max-batch-size must be at least 1, got {options.max_batch_size}")
     if not isinstance(options.model_kwargs, dict):
         raise ArchiveError(f"--model-kwargs must be a JSON object, got {options.model_kwargs!r}")
-    backend = make_backend(options.backend, options.quantization, options.checkpoint_weights, options.compile)
-    if options.tune is not None:
-        backend = make_backend("eager")
+    if options.tune is None:
+        backend = make_backend(options.backend, options.quantization, options.checkpoint_weights, options.compile)
+    else:
+        backend = make_backend("eager")  # to check the devices; tuning makes its own candidates
         unknown = sorted(set(options.tune.candidates or ()) - set(candidate_names()))
         if unknown:
             raise ArchiveError(f"--candidates: unknown {', '.join(unknown)}; expected some of "
@@ -369,7 +366,7 @@ def summary_table(result: ArchiveResult) -> str:
         ("build time", f"{result.build_seconds:.2f} s"),
     ]
     for report in result.tuning:
-        rows.append((f"tuned on {report.device}", f"{report.strategy}: {report.reason}"))
+        rows.append((f"tuned on {report.device}", f"{report.options.strategy}: {report.reason}"))
     for variant in result.variants:
         rows.append((f"variant {variant.name}", f"{variant.describe} for {variant.needs()}"))
     width = max(len(name) for name, _ in rows)

@@ -25,6 +25,7 @@ from aitune_core.backends import QUANTIZATIONS, TorchAOBackend, TorchAOBackendCo
 from aitune_core.backends.compile import TorchCompileBackend
 from aitune_core.backends.eager import TorchEagerBackend
 from aitune_core.backends.torchao import FP8_DYNAMIC_MIN_CAPABILITY
+from aitune_core.checkpoint import CHECKPOINT_NAME
 from aitune_core.errors import UnsupportedDeviceError
 from aitune_core.graph_spec import GraphSpec, Sample
 from aitune_core.variants import ANY_DEVICE, Variant
@@ -123,9 +124,7 @@ class TuneReport:
     """Every candidate on one device, the winner and why."""
 
     device: str
-    strategy: str
-    budget_ms: float | None
-    batch_sizes: tuple[int, ...]
+    options: TuneOptions
     results: list[CandidateResult]
     winner: str
     reason: str
@@ -134,13 +133,13 @@ class TuneReport:
         return next(r for r in self.results if r.name == name)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"device": self.device, "strategy": self.strategy, "budget_ms": self.budget_ms,
-                "batch_sizes": list(self.batch_sizes), "winner": self.winner, "reason": self.reason,
+        return {"device": self.device, "strategy": self.options.strategy, "budget_ms": self.options.budget_ms,
+                "batch_sizes": list(self.options.batch_sizes), "winner": self.winner, "reason": self.reason,
                 "candidates": [r.to_dict() for r in self.results]}
 
     def table(self) -> str:
         """A markdown table of every candidate."""
-        sizes = self.batch_sizes
+        sizes = self.options.batch_sizes
         head = (["candidate", "cosine (gate)", "build s", "first call s", "size MB"]
                 + [f"b{b} p50/p90 ms" for b in sizes] + [f"b{b} rows/s" for b in sizes] + ["outcome"])
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -165,15 +164,16 @@ class TuneReport:
             return False
         measured = [r for r in self.results if r.timings]
         figure, axis = plt.subplots(figsize=(max(6, 1.2 * len(measured)), 4))
-        width = 0.8 / len(self.batch_sizes)
-        for index, size in enumerate(self.batch_sizes):
+        sizes = self.options.batch_sizes
+        width = 0.8 / len(sizes)
+        for index, size in enumerate(sizes):
             values = [r.timings[size].rows_per_s if size in r.timings else 0 for r in measured]
             axis.bar([i + index * width for i in range(len(measured))], values, width, label=f"batch {size}")
-        axis.set_xticks([i + width * (len(self.batch_sizes) - 1) / 2 for i in range(len(measured))],
+        axis.set_xticks([i + width * (len(sizes) - 1) / 2 for i in range(len(measured))],
                         [f"{r.name}{' *' if r.name == self.winner else ''}" for r in measured], rotation=20)
         axis.set_yscale("log")
         axis.set_ylabel("rows / s (log)")
-        axis.set_title(f"{self.strategy} on {self.device}: {self.winner} chosen (*)")
+        axis.set_title(f"{self.options.strategy} on {self.device}: {self.winner} chosen (*)")
         axis.legend()
         figure.tight_layout()
         figure.savefig(path, dpi=100)
@@ -324,8 +324,7 @@ def tune(module: torch.nn.Module, graph_spec: GraphSpec, samples: list[Sample], 
             progress(f"  {candidate.name}: {result.outcome}")
     winner, reason = choose(results, options)
     progress(f"tuning [{'#' * 20}] done on {device}: {reason}")
-    return TuneReport(device=str(device), strategy=options.strategy, budget_ms=options.budget_ms,
-                      batch_sizes=options.batch_sizes, results=results, winner=winner, reason=reason)
+    return TuneReport(device=str(device), options=options, results=results, winner=winner, reason=reason)
 
 
 def needs_capability(result: CandidateResult) -> tuple[int, int] | None:
@@ -342,7 +341,7 @@ def pick_variants(reports: list[TuneReport]) -> list[tuple[Variant, CandidateRes
         names = {variant.name for variant, _ in picked}
         unique = name if name not in names else f"{name}-{len(picked)}"
         capability = needs_capability(result)
-        checkpoint = "checkpoint.pt" if not picked else f"checkpoint-{unique}.pt"
+        checkpoint = CHECKPOINT_NAME if not picked else f"checkpoint-{unique}.pt"
         picked.append((Variant(unique, checkpoint, device_type, capability, result.describe, reason), result))
 
     for report in reports:
@@ -353,7 +352,7 @@ def pick_variants(reports: list[TuneReport]) -> list[tuple[Variant, CandidateRes
         add(f"{device_type}{suffix}", device_type, winner, f"{report.winner} won on {report.device}: {report.reason}")
         if capability:
             others = [r for r in report.results if r.eligible and needs_capability(r) is None]
-            fallback = max(others, key=lambda r: _score(r, report_options(report)) or (0, 0))
+            fallback = max(others, key=lambda r: _score(r, report.options) or (0, 0))
             add(device_type, device_type, fallback,
                 f"{fallback.name}: the best candidate on {report.device} that older GPUs can run")
     if not any(variant.device_type in ("cpu", ANY_DEVICE) for variant, _ in picked):
@@ -361,6 +360,3 @@ def pick_variants(reports: list[TuneReport]) -> list[tuple[Variant, CandidateRes
         add("eager", ANY_DEVICE, eager, "fallback for a device no tuned variant runs on (e.g. a CPU worker)")
     return picked
 
-
-def report_options(report: TuneReport) -> TuneOptions:
-    return TuneOptions(strategy=report.strategy, budget_ms=report.budget_ms, batch_sizes=report.batch_sizes)

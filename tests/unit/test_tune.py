@@ -148,8 +148,8 @@ def test_unknown_candidate():
 
 def report_with(winner_result, others, device="cuda:0"):
     results = [result("eager", 1000), winner_result, *others]
-    return TuneReport(device=device, strategy="max-throughput", budget_ms=None, batch_sizes=(1, 8),
-                      results=results, winner=winner_result.name, reason="measured")
+    return TuneReport(device=device, options=TuneOptions(batch_sizes=(1, 8)), results=results,
+                      winner=winner_result.name, reason="measured")
 
 
 def test_variants_for_an_fp8dq_winner_cover_older_gpus_and_cpus():
