@@ -134,6 +134,9 @@ def answer_batch(model: LoadedModel, requests: list[tuple[dict[str, Any], str | 
     return replies
 
 
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
 def reply_json(reply: Reply) -> str:
     """Compact JSON text (TorchServe would indent a dict or list, which costs time and bytes)."""
-    return json.dumps(reply.body, separators=(",", ":"))
+    return _COMPACT_JSON.encode(reply.body)

@@ -10,6 +10,7 @@ from aitune_core.payload import (
     batch_key,
     concat_samples,
     decode_inputs,
+    decode_value,
     encode_output,
     parse_json_body,
     split_output,
@@ -113,6 +114,29 @@ def test_big_integers_for_a_float_input():
         decode_inputs([[2 ** 200, 0, 1, 2]], spec_one())
     with pytest.raises(BadRequestError, match="beyond the range of float32"):
         decode_inputs([[10 ** 400, 0, 1, 2]], spec_one())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(), (3,), (2, 3), (2, 1, 3), (3, 200), (2, 2, 100)])  # small and numpy paths
+def test_float_inputs_of_any_rank_and_dtype(dtype, shape):
+    reference = torch.randn(shape, dtype=torch.float64)
+    node = {"kind": "tensor", "dtype": str(dtype).removeprefix("torch."), "shapes": [list(shape)], "dynamic_dims": []}
+    decoded = decode_value(reference.tolist(), node, "input 0")
+    assert decoded.dtype == dtype and decoded.shape == shape
+    assert torch.equal(decoded, reference.to(dtype))
+
+
+@pytest.mark.parametrize("dtype, too_big", [("float16", 70000.0), ("bfloat16", 1e39), ("float32", 1e39)])
+@pytest.mark.parametrize("width", [2, 1000])  # small and numpy paths
+def test_values_past_a_narrow_dtype_or_not_finite_are_refused(dtype, too_big, width):
+    node = {"kind": "tensor", "dtype": dtype, "shapes": [[1, width]], "dynamic_dims": [0]}
+    largest = -65504.0 if dtype == "float16" else -1e38
+    assert decode_value([[1.0] * (width - 1) + [largest]], node, "input 0").shape == (1, width)
+    for value in (too_big, -too_big, float("nan"), float("inf")):
+        with pytest.raises(BadRequestError, match=f"input 0: contains NaN or Inf, or a value beyond the range of {dtype}"):
+            decode_value([[1.0] * (width - 1) + [value]], node, "input 0")
+    with pytest.raises(BadRequestError, match="got booleans"):
+        decode_value([[1.0] * (width - 1) + [True]], node, "input 0")
 
 
 def test_max_batch_size_caps_rows_per_request():
