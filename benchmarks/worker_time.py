@@ -28,6 +28,11 @@ import numpy as np
 
 def measure(archives: dict[str, Path], body: list, calls: int) -> dict[str, float]:
     """Median ``Service.predict`` time in microseconds per archive, the archives taking turns."""
+    with tempfile.TemporaryDirectory(prefix="worker-time-") as unpacked_dir:
+        return _measure(archives, body, calls, Path(unpacked_dir))
+
+
+def _measure(archives: dict[str, Path], body: list, calls: int, unpacked_dir: Path) -> dict[str, float]:
     from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
     from ts.model_loader import TsModelLoader
     import ts
@@ -38,7 +43,7 @@ def measure(archives: dict[str, Path], body: list, calls: int) -> dict[str, floa
     metrics.initialize_cache()
     services = {}
     for name, archive in archives.items():
-        model_dir = Path(tempfile.mkdtemp(prefix=f"worker-time-{name}-"))
+        model_dir = unpacked_dir / name
         with zipfile.ZipFile(archive) as unpacked:
             unpacked.extractall(model_dir)
         handler = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())["model"]["handler"]
