@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -23,17 +24,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from aitune_core.accuracy import Accuracy, compare_outputs, min_cosine_for
 from aitune_core.backend import Backend, library_versions
-from aitune_core.backends import BACKENDS, QUANTIZATIONS, make_backend, quantization_of
-from aitune_core.backends.torchao import CHECKPOINT_WEIGHTS
+from aitune_core.backends import BACKEND_NAMES, make_backend, quantization_of
+from aitune_core.backends.torchao import CHECKPOINT_WEIGHTS, QUANTIZATIONS
 from aitune_core.codecs import TextCodec, TextOptions
 from aitune_core.checkpoint import CHECKPOINT_NAME, MANIFEST_NAME, save_checkpoint, write_manifest
 from aitune_core.devices import parse_device
 from aitune_core.errors import AITuneError, ArchiveError
 from aitune_core.graph_spec import GraphSpec, Sample
 from aitune_core.modules import load_module_class, load_weights
+from aitune_core.precision import PRECISIONS, missing_support
 from aitune_core.tune import STRATEGIES, TuneOptions, TuneReport, candidate_names, pick_variants, tune
 from aitune_core.variants import Variant
 
@@ -41,6 +44,10 @@ logger = logging.getLogger(__name__)
 
 HANDLER_FILE = "aitune_handler.py"
 TUNING_REPORT = "tuning_report"
+MODEL_CONFIG = "model-config.yaml"
+COMPILE_AT = ("archive", "start")
+# TorchServe kills a worker whose start takes longer than startupTimeout (120 s unless set).
+TORCHSERVE_STARTUP_TIMEOUT = 120
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -58,6 +65,8 @@ class ArchiveOptions:
     quantization: str | None = None
     checkpoint_weights: str = "quantized"
     compile: bool = False
+    precision: str | None = None
+    compile_at: str = "archive"  # "archive": AOTInductor package in the .mar; "start": torch.compile in the worker
     device: str = "cpu"
     export_path: Path = Path("model_store")
     version: str = "1.0"
@@ -85,6 +94,7 @@ class ArchiveResult:
     archive_bytes: int
     fp32_weight_bytes: int
     build_seconds: float
+    startup_timeout: str = ""  # what aitune-archive did about TorchServe's startupTimeout, if anything
     tuning: list[TuneReport] = dataclasses.field(default_factory=list)
     variants: list[Variant] = dataclasses.field(default_factory=list)
 
@@ -122,11 +132,19 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
 
     tuning: list[TuneReport] = []
     if options.tune is None:
-        progress(f"Building {backend.name} on {target}")
+        progress(f"Building {backend.name} on {target}"
+                 + (" (compiling ahead of time: a minute or more for a large model)"
+                    if backend.compile_settings and backend.compile_settings.ahead_of_time else ""))
+        slow = missing_support(options.precision, target)
+        if slow is not None:
+            progress(f"Note: {target} has no native {options.precision} (that needs {slow}): expect it slower than "
+                     "fp32 here; --tune leaves it out on such a device")
         started = time.perf_counter()
         backend.build(module, graph_spec, samples, target)
-        build_seconds = time.perf_counter() - started
+        if backend.compile_note:
+            progress(f"Note: {backend.compile_note}")
         accuracy = compare_outputs(reference, [sample.run(backend.infer) for sample in samples])
+        build_seconds = time.perf_counter() - started  # with the first calls, which compile at start
         quant = quantization_of(backend)
         min_cosine = min_cosine_for(quant, options.min_cosine)
         progress(f"Accuracy against the original: cosine {accuracy.cosine:.6f}, max abs error {accuracy.max_abs_error:.3g}")
@@ -148,12 +166,12 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
         checkpoints = {variant.checkpoint: result.backend for variant, result in picked}
         primary = picked[0][1]
         backend, accuracy, quant = primary.backend, primary.accuracy, primary.quantization
-        min_cosine, build_seconds = primary.min_cosine, primary.build_s
+        min_cosine, build_seconds = primary.min_cosine, primary.build_s + primary.first_call_s
         progress("Variants: " + "; ".join(f"{v.name} ({v.describe}) for {v.needs()}" for v in variants))
 
-    if backend.compiles:
-        progress("Note: this backend compiles when the worker starts (TorchServe's default startupTimeout is "
-                 "120 s): set a larger startupTimeout in --config-file for a big model")
+    model_config, startup_note = _model_config(options.config_file, backend, build_seconds)
+    if startup_note:
+        progress(startup_note)
     request = _check_text_codec(options, backend)
     if request is None and options.max_batch_size is not None:
         request = {"codec": "tensor", "max_batch_size": options.max_batch_size}
@@ -178,7 +196,7 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
     if variants:
         manifest["variants"] = [variant.to_dict() for variant in variants]
         manifest["tuning"] = [report.to_dict() for report in tuning]
-    _package(options, checkpoints, _tuning_files(tuning), manifest, archive_path)
+    _package(options, checkpoints, _tuning_files(tuning), manifest, model_config, archive_path)
     return ArchiveResult(
         archive_path=archive_path,
         backend=backend.name,
@@ -188,6 +206,7 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
         archive_bytes=_size(archive_path),
         fp32_weight_bytes=sum(t.numel() * t.element_size() for t in module.state_dict().values()),
         build_seconds=build_seconds,
+        startup_timeout=startup_note,
         tuning=tuning,
         variants=variants,
     )
@@ -206,6 +225,38 @@ def _tuning_files(reports: list[TuneReport]) -> dict[str, bytes]:
             if report.chart(chart):
                 files[chart.name] = chart.read_bytes()
     return files
+
+
+def startup_timeout_for(compile_seconds: float) -> int:
+    """A startupTimeout (s) that fits compiling in the worker: 4x what compiling took at archive time, plus a
+    minute for the rest of a start, rounded up to 10 s; never below TorchServe's default."""
+    return max(TORCHSERVE_STARTUP_TIMEOUT, math.ceil((4 * compile_seconds + 60) / 10) * 10)
+
+
+def _model_config(config_file: Path | None, backend: Backend, compile_seconds: float) -> tuple[str | None, str]:
+    """The model-config.yaml to pack, and a note when aitune-archive set its startupTimeout.
+
+    A backend that compiles in the worker (torch.compile, or the fallback of an AOTInductor package on
+    another machine) may need more than TorchServe's default; a startupTimeout the user set wins.
+    """
+    text = config_file.read_text() if config_file is not None else None
+    if backend.compile_settings is None:
+        return text, ""
+    try:
+        config = yaml.safe_load(text) if text else {}
+    except yaml.YAMLError as error:
+        raise ArchiveError(f"--config-file {config_file} is not valid YAML: {error}") from None
+    if not isinstance(config, dict):
+        raise ArchiveError(f"--config-file {config_file} must be a YAML mapping (key: value lines), "
+                           f"got {type(config).__name__}")
+    if "startupTimeout" in config:
+        return text, f"Kept your startupTimeout: {config['startupTimeout']} s"
+    seconds = startup_timeout_for(compile_seconds)
+    where = ("compiles in the worker at start" if not backend.compile_settings.ahead_of_time
+             else "loads its AOTInductor package, or compiles at start on a machine the package cannot run on")
+    text = (text.rstrip("\n") + "\n" if text and text.strip() else "") + f"startupTimeout: {seconds}\n"
+    return text, (f"Set startupTimeout: {seconds} s in the packed model-config (this backend {where}; compiling "
+                  f"took {compile_seconds:.0f} s here): give --config-file with your own startupTimeout to change it")
 
 
 def _check_text_codec(options: ArchiveOptions, backend: Backend) -> dict[str, Any] | None:
@@ -242,8 +293,11 @@ def _check_options(options: ArchiveOptions) -> tuple[Backend, torch.device]:
         raise ArchiveError(f"--max-batch-size must be at least 1, got {options.max_batch_size}")
     if not isinstance(options.model_kwargs, dict):
         raise ArchiveError(f"--model-kwargs must be a JSON object, got {options.model_kwargs!r}")
+    if options.compile_at not in COMPILE_AT:
+        raise ArchiveError(f"--compile-at must be one of {', '.join(COMPILE_AT)}, got {options.compile_at!r}")
     if options.tune is None:
-        backend = make_backend(options.backend, options.quantization, options.checkpoint_weights, options.compile)
+        backend = make_backend(options.backend, options.quantization, options.checkpoint_weights, options.compile,
+                               options.precision, ahead_of_time=options.compile_at == "archive")
     else:
         backend = make_backend("eager")  # to check the devices; tuning makes its own candidates
         unknown = sorted(set(options.tune.candidates or ()) - set(candidate_names()))
@@ -296,7 +350,7 @@ def handler_path() -> Path:
 
 
 def _package(options: ArchiveOptions, checkpoints: dict[str, Backend], extra_files: dict[str, bytes],
-             manifest: dict[str, Any], archive_path: Path) -> None:
+             manifest: dict[str, Any], model_config: str | None, archive_path: Path) -> None:
     """Stage checkpoints, model file and manifest, run torch-model-archiver, move the result into place.
 
     ``checkpoints`` maps file names to built backends; the first is TorchServe's serialized file.
@@ -328,8 +382,9 @@ def _package(options: ArchiveOptions, checkpoints: dict[str, Backend], extra_fil
             "--extra-files", ",".join(str(path) for path in [*extra, files / MANIFEST_NAME]),
             "--export-path", str(out), "--archive-format", options.archive_format,
         ]
-        if options.config_file is not None:
-            command += ["--config-file", str(options.config_file)]
+        if model_config is not None:
+            (staging / MODEL_CONFIG).write_text(model_config)
+            command += ["--config-file", str(staging / MODEL_CONFIG)]
         # The archiver stages in $TMPDIR/<model-name>: a private TMPDIR keeps parallel runs apart.
         env = {**os.environ, "TMPDIR": str(tmp)}
         done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -365,6 +420,8 @@ def summary_table(result: ArchiveResult) -> str:
                          f"the fp32 weights ({result.fp32_weight_bytes / 1e6:.2f} MB)"),
         ("build time", f"{result.build_seconds:.2f} s"),
     ]
+    if result.startup_timeout:
+        rows.append(("startupTimeout", result.startup_timeout))
     for report in result.tuning:
         rows.append((f"tuned on {report.device}", f"{report.options.strategy}: {report.reason}"))
     for variant in result.variants:
@@ -387,10 +444,16 @@ def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
     parser.add_argument("--sample", required=True, type=Path, action="append", dest="samples",
                         help="torch.save file: a tensor, a tuple/list of tensors, or (args tuple, kwargs dict); "
                              "repeat it: a dim whose size differs between samples is dynamic when served")
-    parser.add_argument("--backend", default="torchao", choices=sorted(BACKENDS))
+    parser.add_argument("--backend", default="torchao", choices=sorted(BACKEND_NAMES))
     parser.add_argument("--quantization", choices=sorted(QUANTIZATIONS), help="torchao only; default int8wo")
     parser.add_argument("--compile", action="store_true",
-                        help="run the torchao module through torch.compile (compiled when the worker starts)")
+                        help="compile the (quantized) module with inductor, ahead of time by default")
+    parser.add_argument("--compile-at", default="archive", choices=COMPILE_AT,
+                        help="archive: AOTInductor package in the .mar, a worker only loads it (default); "
+                             "start: torch.compile when the worker starts")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS),
+                        help="run the model's float math in bf16 or fp16 inside (requests and answers keep "
+                             "their dtypes); default: the model's own dtypes")
     parser.add_argument("--checkpoint-weights", default="quantized", choices=CHECKPOINT_WEIGHTS,
                         help="store quantized weights (fast start) or the original ones (quantize at start)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda:N: where the backend is built")
@@ -428,9 +491,9 @@ def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
         except ValueError as error:
             parser.error(str(error) if "invalid literal" not in str(error)
                          else f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
-        if args.quantization or args.compile or args.backend != "torchao":
-            parser.error("--tune chooses the backend itself: instead of --backend, --quantization or --compile, "
-                         "name the candidates with --candidates")
+        if args.quantization or args.compile or args.precision or args.backend != "torchao" or args.compile_at != "archive":
+            parser.error("--tune chooses the backend itself: instead of --backend, --quantization, --precision, "
+                         "--compile or --compile-at, name the candidates with --candidates")
     elif any(value is not None for value in (args.budget_ms, args.candidates, args.tune_devices)):
         parser.error("--budget-ms, --candidates and --tune-devices apply with --tune only")
     try:
@@ -442,7 +505,8 @@ def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
     return ArchiveOptions(
         model_name=args.model_name, model_file=args.model_file, samples=args.samples, model_class=args.model_class,
         model_kwargs=model_kwargs, weights=args.weights, backend=args.backend, quantization=args.quantization,
-        checkpoint_weights=args.checkpoint_weights, compile=args.compile, device=args.device, export_path=args.export_path,
+        checkpoint_weights=args.checkpoint_weights, compile=args.compile, precision=args.precision,
+        compile_at=args.compile_at, device=args.device, export_path=args.export_path,
         version=args.version, config_file=args.config_file, min_cosine=args.min_cosine, force=args.force,
         archive_format=args.archive_format, text_tokenizer=args.text_tokenizer,
         text_max_tokens=args.text_max_tokens, text_output_key=args.text_output_key,

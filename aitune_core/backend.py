@@ -21,8 +21,9 @@ from typing import Any, ClassVar
 import nvtx
 import torch
 
+from aitune_core.compilation import CompiledModule, CompileSettings
 from aitune_core.devices import check_device_exists, parse_device
-from aitune_core.graph_spec import GraphSpec, Sample, map_tensors
+from aitune_core.graph_spec import GraphSpec, Sample, flatten_tensors, map_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,10 @@ class BackendConfig:
     def describe(self) -> str:
         """The fields that differ from their defaults, as ``name=value`` joined by commas."""
         return ",".join(changed_fields(self))
+
+    def compile_settings(self) -> CompileSettings | None:
+        """How the backend's module is compiled; None when it runs as it is."""
+        return None
 
 
 def changed_fields(obj: Any) -> list[str]:
@@ -110,8 +115,8 @@ class Backend(abc.ABC):
         self._config = config
         self._device = torch.device("cpu")
         self.state = BackendState.INIT
-        # torch.compile's wrapper of self._module, when the backend compiles; infer runs it.
-        self._compiled: Any = None
+        # The compiled self._module, when the config compiles it; infer runs it.
+        self._compiled: CompiledModule | None = None
 
     # -- properties -------------------------------------------------------------------------
     @property
@@ -130,9 +135,19 @@ class Backend(abc.ABC):
         return self.state in (BackendState.ACTIVE, BackendState.DEPLOYED)
 
     @property
-    def compiles(self) -> bool:
-        """True when the backend runs torch.compile at deploy (its first calls compile)."""
-        return False
+    def compile_settings(self) -> CompileSettings | None:
+        """How the module is compiled (ahead of time or at start); None when it is not."""
+        return self._config.compile_settings()
+
+    @property
+    def compiles_on_first_calls(self) -> bool:
+        """True when torch.compile runs the module now: its first call at each new shape compiles."""
+        return self._compiled is not None and self._compiled.compiles_on_first_calls
+
+    @property
+    def compile_note(self) -> str:
+        """How the compiled module came to run as it does (package loaded, or compiled here and why)."""
+        return self._compiled.note if self._compiled is not None else ""
 
     @property
     def config(self) -> BackendConfig:
@@ -165,6 +180,10 @@ class Backend(abc.ABC):
             if graph_spec is None:
                 graph_spec = GraphSpec.from_samples(module, samples)
             self._build(module, graph_spec, samples, target, cache_dir)
+            settings = self.compile_settings
+            if settings is not None:
+                largest = max(samples, key=lambda s: sum(t.numel() for t in flatten_tensors((s.args, s.kwargs))))
+                self._compiled = CompiledModule.build(self._module, settings, graph_spec, largest, target)
         except Exception as error:
             logger.error("Failed to build backend %s: %s", self.name, error)
             raise
@@ -183,6 +202,9 @@ class Backend(abc.ABC):
             raise RuntimeError(f"Cannot activate backend {self.name}, backend is already deployed")
         if self.state in (BackendState.INACTIVE, BackendState.CHECKPOINT_LOADED):
             self._activate()
+            compiled = self._compiled
+            if compiled is not None and not compiled.ready and not compiled.load(self._device):
+                compiled.compile_at_start(self._module, self._graph_spec)
             self.state = BackendState.ACTIVE
 
     @_annotate
@@ -199,6 +221,8 @@ class Backend(abc.ABC):
             )
         if self.state == BackendState.ACTIVE:
             self._deactivate()
+            if self._compiled is not None:
+                self._compiled.release()
             self._clean_memory()
             self.state = BackendState.INACTIVE
 
@@ -214,7 +238,14 @@ class Backend(abc.ABC):
                 f"Cannot deploy backend {self.name}, backend should be loaded from a checkpoint"
             )
         target = self.check_device(self._device if device is None else device)
-        self._deploy(target)
+        compiled = self._compiled
+        if compiled is not None and compiled.load(target, keep_package=False):
+            # The package holds its own (compiled) weights: the module's would be a second copy.
+            self._release_weights()
+        else:
+            self._deploy(target)
+            if compiled is not None:
+                compiled.compile_at_start(self._module, self._graph_spec)
         self._device = target
         self.state = BackendState.DEPLOYED
 
@@ -261,6 +292,9 @@ class Backend(abc.ABC):
         """The part of ``to_dict()`` that every backend writes."""
         if self.state == BackendState.INIT:
             raise RuntimeError(f"Backend {self.name} has not been built: call build() first")
+        if self._module is None and self.state == BackendState.DEPLOYED:
+            raise RuntimeError(f"Backend {self.name} was deployed from its AOTInductor package and keeps no "
+                               "weights of its own: save the checkpoint before deploying")
         return {
             self.STATE_TYPE: self.name,
             self.STATE_FORMAT_VERSION: self.FORMAT_VERSION,
@@ -269,6 +303,7 @@ class Backend(abc.ABC):
             "graph_spec": self._graph_spec.to_dict(),
             "data": [sample.to_state() for sample in self._data],
             "versions": library_versions(),
+            "compiled": self._compiled.to_state() if self._compiled is not None else None,
         }
 
     @classmethod
@@ -291,6 +326,9 @@ class Backend(abc.ABC):
         self._device = torch.device(state_dict["device"])
         self._graph_spec = GraphSpec.from_dict(state_dict["graph_spec"])
         self._data = [Sample.from_state(sample) for sample in state_dict["data"]]
+        settings = self.compile_settings
+        if settings is not None:
+            self._compiled = CompiledModule.from_state(settings, state_dict.get("compiled"))
         self.state = BackendState.CHECKPOINT_LOADED
 
     def check_device(self, device: torch.device | str) -> torch.device:
@@ -331,6 +369,9 @@ class Backend(abc.ABC):
     def _deploy(self, device: torch.device) -> None:
         self._module.to(device)
 
+    def _release_weights(self) -> None:
+        self._module = None
+
     def _infer(self, *args: Any, **kwargs: Any) -> Any:
         device = self._device
         if device.type != "cpu":  # requests are decoded on the CPU; walking them costs ~20 us
@@ -340,7 +381,12 @@ class Backend(abc.ABC):
 
 
 def library_versions() -> dict[str, str]:
-    """Versions of the libraries whose formats a checkpoint depends on."""
-    import torchao
+    """Versions of the libraries whose formats a checkpoint depends on (torchao when it is installed)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"torch": str(torch.__version__), "torchao": str(torchao.__version__)}
+    versions = {"torch": str(torch.__version__)}
+    try:
+        versions["torchao"] = version("torchao")
+    except PackageNotFoundError:
+        pass
+    return versions

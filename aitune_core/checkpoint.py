@@ -36,10 +36,11 @@ def save_checkpoint(state: dict[str, Any], path: Path | str) -> None:
 
 
 def load_checkpoint(path: Path | str) -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True`` onto the CPU; CheckpointError if it is unsafe or broken."""
-    # Importing torchao registers its quantized tensor classes as safe globals for weights_only.
-    import torchao  # noqa: F401
+    """Read a checkpoint with ``weights_only=True`` onto the CPU; CheckpointError if it is unsafe or broken.
 
+    A checkpoint of quantized weights needs torchao imported first (importing it registers its tensor
+    classes as safe globals): import the backend's class (``backends.backend_class``) before this.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {path} does not exist")

@@ -13,11 +13,11 @@ from typing import Any
 import torch
 
 from aitune_core.backend import Backend
-from aitune_core.backends import backend_from_dict
+from aitune_core.backends import backend_class, backend_from_dict
 from aitune_core.checkpoint import check_file_name, load_checkpoint, read_manifest
 from aitune_core.codecs import Codec, Reply, make_codec
 from aitune_core.errors import BadRequestError
-from aitune_core.graph_spec import BATCH_DIM, GraphSpec, Sample, flatten_tensors
+from aitune_core.graph_spec import flatten_tensors
 from aitune_core.modules import load_module_class
 from aitune_core.payload import parse_json_body
 from aitune_core.variants import Variant, choose_variant
@@ -55,18 +55,22 @@ def load_model(model_dir: Path | str, device: torch.device) -> LoadedModel:
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
     notes = []
-    checkpoint = manifest["checkpoint"]
+    checkpoint, backend_name = manifest["checkpoint"], manifest.get("backend")
     if "variants" in manifest:
         variant, why = choose_variant([Variant.from_dict(v) for v in manifest["variants"]], device)
-        checkpoint = variant.checkpoint
+        checkpoint, backend_name = variant.checkpoint, variant.backend
         notes.append(f"variant {variant.name!r}: {why}")
     model = manifest["model"]
     module_class = load_module_class(model_dir / check_file_name(model["file"]), model["class"])
     module = module_class(**model["kwargs"])
+    # Importing the backend's module first lets weights_only read its tensors (torchao registers its
+    # classes on import); an archive that needs no torchao never imports it. An older manifest that
+    # does not name the variant's backend gets torchao, which reads every checkpoint.
+    backend_class(backend_name or "TorchAOBackend")
     state = load_checkpoint(model_dir / check_file_name(checkpoint))
     backend = backend_from_dict(module, state)
-    if backend.compiles:
-        # Kept in the model folder, so a restarted worker reuses what the first one compiled.
+    if backend.compile_settings is not None:
+        # Kept in the model folder, so a restarted worker reuses what it compiled (when it has to).
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(model_dir / INDUCTOR_CACHE)
     backend.deploy(device)
     notes += warm_up(backend)
@@ -75,43 +79,27 @@ def load_model(model_dir: Path | str, device: torch.device) -> LoadedModel:
 
 
 def warm_up(backend: Backend) -> list[str]:
-    """Run the smallest recorded sample; returns what to log about compilation.
+    """Run the smallest recorded sample at one row and as recorded; returns what to log about compilation.
 
-    A compiling backend instead runs every sample at 1, 2 and 3 rows, as recorded and one shorter
-    along each other dynamic dim (e.g. a sequence length): torch.compile then has its graphs for
-    a batch of one and for any batch, at any length, before the first request (each new graph
-    would otherwise cost that request seconds).
+    A backend that torch.compile runs (not compiled ahead of time) runs every sample: its one graph for
+    every batch and length (see compilation.DynamicCall) is compiled there, before the first request.
     """
     samples = sorted(backend.samples, key=lambda sample: sum(t.numel() for t in flatten_tensors(sample.args)))
-    if not backend.compiles:
-        samples[0].run(backend.infer)
-        return []
+    notes = [backend.compile_note] if backend.compile_note else []
+    if not backend.compiles_on_first_calls:
+        for sample in (samples[0].with_rows(1), samples[0]):
+            sample.run(backend.infer)
+        return notes
     from torch._dynamo.utils import counters
 
     inductor = counters["inductor"]
     hits, misses = inductor["fxgraph_cache_hit"], inductor["fxgraph_cache_miss"]
     started = time.perf_counter()
-    for sample in samples:
-        for variant in (sample, shorter(sample, backend.graph_spec)):
-            for rows in (1, 2, 3):
-                variant.with_rows(rows).run(backend.infer)
+    for sample in [samples[0].with_rows(1), *samples]:
+        sample.run(backend.infer)
     inductor = counters["inductor"]  # dynamo may have replaced the counter while compiling
-    return [f"compiled in {time.perf_counter() - started:.1f} s ({inductor['fxgraph_cache_hit'] - hits} graphs "
-            f"from the inductor cache, {inductor['fxgraph_cache_miss'] - misses} compiled anew)"]
-
-
-def shorter(sample: Sample, spec: GraphSpec) -> Sample:
-    """``sample`` with every top-level input tensor cut by one along its dynamic dims other than the batch dim."""
-    def cut(value: Any, node: dict[str, Any]) -> Any:
-        if not isinstance(value, torch.Tensor) or node.get("kind") != "tensor":
-            return value
-        for dim in node["dynamic_dims"]:
-            if dim != BATCH_DIM and value.shape[dim] > 1:
-                value = value.narrow(dim, 0, value.shape[dim] - 1)
-        return value
-
-    return Sample(args=tuple(cut(arg, node) for arg, node in zip(sample.args, spec.args)),
-                  kwargs={name: cut(value, spec.kwargs.get(name, {})) for name, value in sample.kwargs.items()})
+    return notes + [f"compiled in {time.perf_counter() - started:.1f} s ({inductor['fxgraph_cache_hit'] - hits} "
+                    f"graphs from the inductor cache, {inductor['fxgraph_cache_miss'] - misses} compiled anew)"]
 
 
 def answer_batch(model: LoadedModel, requests: list[tuple[dict[str, Any], str | None]]) -> list[Reply]:

@@ -1,8 +1,13 @@
 """Tuning: build every candidate backend, gate its accuracy, time it, and pick one by a strategy.
 
-A candidate that misses the accuracy gate is out. The strategy scores the rest from their
-timings; eager is always measured and wins unless the best candidate beats it by more than the
-noise (the larger of ``min_gain`` and eager's own spread, p90 / median - 1).
+Candidates: eager, compile (inductor, ahead of time), a precision (bf16, fp16) and a torchao
+quantization, each with and without +compile, and quantizations combined with a precision. A
+candidate the device cannot run fast (bf16 on a CPU without AMX/AVX-512 BF16, fp8dq below compute
+capability 8.9) is out with what it needs. Every candidate meets one accuracy gate (``--min-cosine``,
+default 0.999), so tuning never buys speed with accuracy the user did not choose to give; a compiled
+candidate whose uncompiled twin already missed the gate is out without being compiled. The strategy
+scores the rest from their timings; eager is always measured and wins unless the best candidate beats
+it by more than the noise (the larger of ``min_gain`` and eager's own spread, p90 / median - 1).
 """
 
 from __future__ import annotations
@@ -19,21 +24,31 @@ from typing import Any
 
 import torch
 
-from aitune_core.accuracy import Accuracy, compare_outputs, min_cosine_for
+from aitune_core.accuracy import Accuracy, compare_outputs
 from aitune_core.backend import Backend
-from aitune_core.backends import QUANTIZATIONS, TorchAOBackend, TorchAOBackendConfig, quantization_of
-from aitune_core.backends.compile import TorchCompileBackend
-from aitune_core.backends.eager import TorchEagerBackend
-from aitune_core.backends.torchao import FP8_DYNAMIC_MIN_CAPABILITY
+from aitune_core.backends import quantization_of
+from aitune_core.backends.compile import TorchCompileBackend, TorchCompileBackendConfig
+from aitune_core.backends.eager import TorchEagerBackend, TorchEagerBackendConfig
+from aitune_core.backends.torchao import (
+    FP8_DYNAMIC_MIN_CAPABILITY,
+    QUANTIZATIONS,
+    TorchAOBackend,
+    TorchAOBackendConfig,
+)
 from aitune_core.checkpoint import CHECKPOINT_NAME
 from aitune_core.errors import UnsupportedDeviceError
 from aitune_core.graph_spec import GraphSpec, Sample
+from aitune_core.precision import CUDA_CAPABILITY_FOR, PRECISIONS, missing_support
 from aitune_core.variants import ANY_DEVICE, Variant
 
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("max-throughput", "min-latency", "latency-budget")
 EAGER = "eager"
+COMPILED = "+compile"
+TUNE_MIN_COSINE = 0.999  # the one accuracy gate of every candidate, unless --min-cosine says otherwise
+# Quantizations worth combining with a precision (torchao's int8 paths take bf16/fp16 activations).
+MIXED_QUANTIZATIONS = ("int8wo", "int8dq")
 
 
 @dataclasses.dataclass
@@ -67,21 +82,41 @@ class Candidate:
 
 
 def candidate_names() -> list[str]:
-    """Every candidate name: eager, compile, and each quantization with and without +compile."""
-    return [EAGER, "compile"] + [f"{q}{suffix}" for q in QUANTIZATIONS for suffix in ("", "+compile")]
+    """Every candidate name, each uncompiled one just before its +compile twin: eager, compile, bf16,
+    bf16+compile, fp16, ..., int8wo, int8wo+compile, ..., then int8wo+bf16+compile and the like."""
+    bases = [*PRECISIONS, *QUANTIZATIONS]
+    names = [EAGER, "compile"] + [f"{base}{suffix}" for base in bases for suffix in ("", COMPILED)]
+    return names + [f"{q}+{p}{COMPILED}" for q in MIXED_QUANTIZATIONS for p in PRECISIONS]
+
+
+def parse_candidate(name: str) -> tuple[str | None, str | None, bool]:
+    """``name`` as (quantization, precision, compiled): "int8dq+bf16+compile" -> ("int8dq", "bf16", True)."""
+    if name not in candidate_names():
+        raise ValueError(f"Unknown tuning candidate {name!r}: expected some of {', '.join(candidate_names())}")
+    parts = [part for part in name.split("+") if part != EAGER]
+    compiled = parts[-1:] == ["compile"]
+    parts = parts[:-1] if compiled else parts
+    quantization = next((part for part in parts if part in QUANTIZATIONS), None)
+    precision = next((part for part in parts if part in PRECISIONS), None)
+    return quantization, precision, compiled
 
 
 def make_candidate(name: str) -> Candidate:
     """The candidate called ``name`` (see candidate_names)."""
-    if name == EAGER:
-        return Candidate(name, TorchEagerBackend)
+    quantization, precision, compiled = parse_candidate(name)
+    if quantization is not None:
+        return Candidate(name, lambda: TorchAOBackend(TorchAOBackendConfig(
+            quantization=quantization, precision=precision, compile=compiled)))
+    if compiled:
+        return Candidate(name, lambda: TorchCompileBackend(TorchCompileBackendConfig(precision=precision)))
+    return Candidate(name, lambda: TorchEagerBackend(TorchEagerBackendConfig(precision=precision)))
+
+
+def uncompiled_twin(name: str) -> str | None:
+    """The candidate that differs from ``name`` only by not being compiled (same numerics, bar rounding)."""
     if name == "compile":
-        return Candidate(name, TorchCompileBackend)
-    quantization, _, compiled = name.partition("+")
-    if quantization not in QUANTIZATIONS or compiled not in ("", "compile"):
-        raise ValueError(f"Unknown tuning candidate {name!r}: expected some of {', '.join(candidate_names())}")
-    return Candidate(name, lambda: TorchAOBackend(TorchAOBackendConfig(quantization=quantization,
-                                                                       compile=bool(compiled))))
+        return EAGER
+    return name.removesuffix(COMPILED) if name.endswith(COMPILED) else None
 
 
 @dataclasses.dataclass
@@ -100,6 +135,7 @@ class CandidateResult:
     name: str
     describe: str = ""
     quantization: str | None = None
+    precision: str | None = None
     accuracy: Accuracy | None = None
     min_cosine: float | None = None
     build_s: float = 0.0
@@ -217,19 +253,32 @@ def time_backend(backend: Backend, sample: Sample, batch_sizes: tuple[int, ...],
 
 def measure_candidate(candidate: Candidate, module: torch.nn.Module, graph_spec: GraphSpec, samples: list[Sample],
                       reference: list[Any], device: torch.device, options: TuneOptions,
-                      min_cosine: float | None) -> CandidateResult:
-    """Build, gate and time one candidate; its outcome says why it is out, if it is."""
+                      min_cosine: float | None, twin: CandidateResult | None = None) -> CandidateResult:
+    """Build, gate and time one candidate; its outcome says why it is out, if it is.
+
+    ``twin`` is its uncompiled twin's result: when that missed the gate, this one is out unbuilt.
+    """
     result = CandidateResult(name=candidate.name)
     backend = candidate.make()
     result.describe, result.quantization = backend.describe(), quantization_of(backend)
-    result.min_cosine = min_cosine_for(result.quantization, min_cosine)
+    result.precision = getattr(backend.config, "precision", None)
+    result.min_cosine = TUNE_MIN_COSINE if min_cosine is None else min_cosine
     try:
         backend.check_device(device)
     except UnsupportedDeviceError as error:
         needs = str(error).split(": ", 1)[-1].split(";")[0]
         result.outcome = f"out: {device} cannot run it ({needs})"
         return result
-    if backend.compiles:
+    slow = missing_support(result.precision, device)
+    if slow is not None:
+        result.outcome = f"out: {device} has no fast {result.precision} (needs {slow})"
+        return result
+    if twin is not None and twin.accuracy is not None and not twin.accuracy.cosine >= result.min_cosine:
+        result.accuracy = twin.accuracy
+        result.outcome = (f"out: accuracy cosine {twin.accuracy.cosine:.6f} < gate {result.min_cosine} "
+                          f"(measured on {twin.name}, not compiled)")
+        return result
+    if backend.compile_settings is not None:
         torch._dynamo.reset()  # each compiled candidate starts from a clean dynamo cache
     try:
         started = time.perf_counter()
@@ -318,7 +367,9 @@ def tune(module: torch.nn.Module, graph_spec: GraphSpec, samples: list[Sample], 
     for index, candidate in enumerate(candidates):
         done = round(20 * index / len(candidates))
         progress(f"tuning [{'#' * done}{'.' * (20 - done)}] {index + 1}/{len(candidates)} {candidate.name} on {device}")
-        result = measure_candidate(candidate, module, graph_spec, samples, reference, device, options, min_cosine)
+        twin = next((r for r in results if r.name == uncompiled_twin(candidate.name)), None)
+        result = measure_candidate(candidate, module, graph_spec, samples, reference, device, options, min_cosine,
+                                   twin)
         results.append(result)
         if result.outcome:
             progress(f"  {candidate.name}: {result.outcome}")
@@ -327,9 +378,15 @@ def tune(module: torch.nn.Module, graph_spec: GraphSpec, samples: list[Sample], 
     return TuneReport(device=str(device), options=options, results=results, winner=winner, reason=reason)
 
 
-def needs_capability(result: CandidateResult) -> tuple[int, int] | None:
-    """The CUDA compute capability a candidate's quantization needs, if any (fp8dq: 8.9)."""
-    return FP8_DYNAMIC_MIN_CAPABILITY if result.quantization == "fp8dq" else None
+def needs_capability(result: CandidateResult, device_type: str) -> tuple[int, int] | None:
+    """The CUDA compute capability a candidate needs to run (fast) on a GPU, if any: fp8dq 8.9, bf16 8.0,
+    fp16 7.0; None for a CPU."""
+    if device_type != "cuda":
+        return None
+    needs = [FP8_DYNAMIC_MIN_CAPABILITY] if result.quantization == "fp8dq" else []
+    if result.precision is not None:
+        needs.append(CUDA_CAPABILITY_FOR[result.precision])
+    return max(needs, default=None)
 
 
 def pick_variants(reports: list[TuneReport]) -> list[tuple[Variant, CandidateResult]]:
@@ -340,18 +397,19 @@ def pick_variants(reports: list[TuneReport]) -> list[tuple[Variant, CandidateRes
     def add(name: str, device_type: str, result: CandidateResult, reason: str) -> None:
         names = {variant.name for variant, _ in picked}
         unique = name if name not in names else f"{name}-{len(picked)}"
-        capability = needs_capability(result)
+        capability = needs_capability(result, device_type)
         checkpoint = CHECKPOINT_NAME if not picked else f"checkpoint-{unique}.pt"
-        picked.append((Variant(unique, checkpoint, device_type, capability, result.describe, reason), result))
+        picked.append((Variant(unique, checkpoint, device_type, capability, result.describe, reason,
+                               backend=result.backend.name), result))
 
     for report in reports:
         device_type = torch.device(report.device).type
         winner = report.result(report.winner)
-        capability = needs_capability(winner)
+        capability = needs_capability(winner, device_type)
         suffix = f"-sm{capability[0]}{capability[1]}" if capability else ""
         add(f"{device_type}{suffix}", device_type, winner, f"{report.winner} won on {report.device}: {report.reason}")
         if capability:
-            others = [r for r in report.results if r.eligible and needs_capability(r) is None]
+            others = [r for r in report.results if r.eligible and needs_capability(r, device_type) is None]
             fallback = max(others, key=lambda r: _score(r, report.options) or (0, 0))
             add(device_type, device_type, fallback,
                 f"{fallback.name}: the best candidate on {report.device} that older GPUs can run")

@@ -29,6 +29,7 @@ class Variant:
     min_capability: tuple[int, int] | None
     describe: str
     reason: str  # why it is in the archive
+    backend: str | None = None  # its backend's class name (None in archives made before it was recorded)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -1,62 +1,36 @@
-"""TorchCompileBackend: the module through torch.compile (inductor), compiled where it runs.
+"""TorchCompileBackend: the original module compiled by inductor, ahead of time (AOTInductor) by default.
 
-Compiled code is not portable across machines, so the checkpoint stores the original weights (as
-the eager backend does) and the worker compiles at deploy; inductor's on-disk cache
-(``TORCHINDUCTOR_CACHE_DIR``, which the worker points into the model folder) makes a restarted
-worker reuse what the first one compiled.
+Ahead of time, the archive holds the compiled package and a worker only loads it; a worker whose
+device cannot run that package (or ``ahead_of_time=False``) compiles with torch.compile at start
+(kept in the inductor cache, so a restarted worker reuses it). See aitune_core.compilation.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-from typing import Any, Callable
 
-import torch
-
-from aitune_core.backend import BackendConfig
-from aitune_core.backends.eager import TorchEagerBackend
-from aitune_core.graph_spec import GraphSpec, Sample
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def compile_module(module: torch.nn.Module, mode: str) -> Callable[..., Any]:
-    """``torch.compile`` with automatic dynamic shapes: a dim that changes is recompiled once as dynamic."""
-    return torch.compile(module, mode=mode, dynamic=None)
+from aitune_core.backends.eager import TorchEagerBackend, TorchEagerBackendConfig
+from aitune_core.compilation import CompileSettings
 
 
 @dataclasses.dataclass
-class TorchCompileBackendConfig(BackendConfig):
-    """``mode`` is torch.compile's mode."""
+class TorchCompileBackendConfig(TorchEagerBackendConfig):
+    """``mode``: torch.compile's mode; ``freezing``: weights folded into the graph as constants;
+    ``ahead_of_time``: compiled at archive time with AOTInductor (else when the worker starts)."""
 
     mode: str = "default"
+    freezing: bool = True
+    ahead_of_time: bool = True
 
     def __post_init__(self) -> None:
-        if self.mode not in COMPILE_MODES:
-            raise ValueError(f"Unknown torch.compile mode {self.mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+        super().__post_init__()
+        self.compile_settings()
+
+    def compile_settings(self) -> CompileSettings:
+        return CompileSettings(mode=self.mode, freezing=self.freezing, ahead_of_time=self.ahead_of_time)
 
 
 class TorchCompileBackend(TorchEagerBackend):
-    """Runs ``torch.compile(module)`` in eval mode on the chosen device."""
+    """Runs the module compiled by inductor, in eval mode, on the chosen device."""
 
     config_class = TorchCompileBackendConfig
-
-    @property
-    def compiles(self) -> bool:
-        return True
-
-    def _build(self, module: torch.nn.Module, graph_spec: GraphSpec, data: list[Sample],
-               device: torch.device, cache_dir: Path | None) -> None:
-        super()._build(module, graph_spec, data, device, cache_dir)
-        self._compiled = compile_module(self._module, self._config.mode)
-
-    def _deploy(self, device: torch.device) -> None:
-        super()._deploy(device)
-        self._compiled = compile_module(self._module, self._config.mode)
-
-    def _activate(self) -> None:
-        if self._compiled is None:  # from a checkpoint: compile on the build device
-            self._deploy(self._device)
-        else:
-            super()._activate()

@@ -26,11 +26,12 @@ from torchao.quantization import (
 )
 
 from aitune_core.backend import Backend, BackendConfig, changed_fields
-from aitune_core.backends.compile import compile_module
+from aitune_core.compilation import CompileSettings
 from aitune_core.devices import cuda_capability
 from aitune_core.errors import CheckpointError, UnsupportedDeviceError
 from aitune_core.graph_spec import GraphSpec, Sample
 from aitune_core.modules import load_weights, module_on
+from aitune_core.precision import check_precision, with_precision
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ QUANTIZATIONS: dict[str, type[AOBaseConfig]] = {
     "fp8dq": Float8DynamicActivationFloat8WeightConfig,
 }
 DEFAULT_QUANTIZATION = "int8wo"
-COMPILE_MODE = "default"
 CHECKPOINT_WEIGHTS = ("quantized", "original")
 # fp8 matmuls with dynamically quantized activations need Ada/Hopper tensor cores.
 FP8_DYNAMIC_MIN_CAPABILITY = (8, 9)
@@ -69,15 +69,21 @@ class TorchAOBackendConfig(BackendConfig):
     Exactly one of ``quantization`` and ``quantization_config`` must be given.
     ``checkpoint_weights`` says what ``to_dict`` stores: "quantized" weights (loads fast) or
     "original" weights (quantized again at deploy; portable across torchao versions).
-    ``compile`` runs the quantized module through torch.compile (compiled at deploy).
+    ``compile`` compiles the quantized module with inductor: ahead of time (AOTInductor, at archive
+    time) unless ``ahead_of_time=False``, with ``freezing`` (weights folded into the graph).
+    ``precision`` ("bf16", "fp16") casts the module's float weights and math before quantizing.
     """
 
     quantization: str | None = None
     quantization_config: AOBaseConfig | None = None
     checkpoint_weights: str = "quantized"
     compile: bool = False
+    precision: str | None = None
+    freezing: bool = True
+    ahead_of_time: bool = True
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         if self.quantization is not None and self.quantization_config is not None:
             raise ValueError("Only one of quantization or quantization_config should be provided.")
         if self.quantization is None and self.quantization_config is None:
@@ -101,26 +107,36 @@ class TorchAOBackendConfig(BackendConfig):
             "quantization_config": config_to_dict(self.quantization_config),
             "checkpoint_weights": self.checkpoint_weights,
             "compile": self.compile,
+            "precision": self.precision,
+            "freezing": self.freezing,
+            "ahead_of_time": self.ahead_of_time,
         }
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any]) -> "TorchAOBackendConfig":
         """Rebuild from ``to_dict()`` through torchao's ``config_from_dict`` (no pickle)."""
+        defaults = cls(quantization=DEFAULT_QUANTIZATION)
         return cls(
             quantization_config=load_torchao_config(config_dict["quantization_config"]),
-            checkpoint_weights=config_dict.get("checkpoint_weights", "quantized"),
-            compile=config_dict.get("compile", False),
+            **{name: config_dict.get(name, getattr(defaults, name))
+               for name in ("checkpoint_weights", "compile", "precision", "freezing", "ahead_of_time")},
         )
 
     def describe(self) -> str:
-        """``quantization_config=Cls(changed fields)``, plus checkpoint_weights when changed."""
+        """``quantization_config=Cls(changed fields)``, then the other fields that differ from their defaults."""
         quant = self.quantization_config
         text = f"quantization_config={type(quant).__name__}({','.join(changed_fields(quant))})"
-        if self.checkpoint_weights != "quantized":
-            text += f",checkpoint_weights={self.checkpoint_weights!r}"
-        if self.compile:
-            text += ",compile=True"
+        defaults = type(self)(quantization=DEFAULT_QUANTIZATION)
+        names = ["checkpoint_weights", "precision", "compile"] + (["freezing", "ahead_of_time"] if self.compile else [])
+        for name in names:
+            if getattr(self, name) != getattr(defaults, name):
+                text += f",{name}={getattr(self, name)!r}"
         return text
+
+    def compile_settings(self) -> CompileSettings | None:
+        if not self.compile:
+            return None
+        return CompileSettings(freezing=self.freezing, ahead_of_time=self.ahead_of_time)
 
 
 def load_torchao_config(config_dict: dict[str, Any]) -> AOBaseConfig:
@@ -171,16 +187,8 @@ class TorchAOBackend(Backend):
         # The unquantized module, held only while the original weights are still needed.
         self._orig_module: torch.nn.Module | None = None
 
-    @property
-    def compiles(self) -> bool:
-        return self._config.compile
-
     def _check_device(self, device: torch.device) -> None:
         check_device_can_run(self._config.quantization_config, device)
-
-    def _compile(self) -> None:
-        if self._config.compile:
-            self._compiled = compile_module(self._module, COMPILE_MODE)
 
     def _quantize(self, module: torch.nn.Module) -> torch.nn.Module:
         """Quantize ``module`` (already on the target device) in place and return it."""
@@ -194,13 +202,13 @@ class TorchAOBackend(Backend):
 
     def _build(self, module: torch.nn.Module, graph_spec: GraphSpec, data: list[Sample],
                device: torch.device, cache_dir: Path | None) -> None:
-        self._module = self._quantize(module_on(module, device))
-        self._compile()
+        precision, outputs = self._config.precision, graph_spec.outputs
         if self._config.checkpoint_weights == "original":
-            self._orig_module = module
+            self._orig_module = with_precision(module_on(module, torch.device("cpu")), precision, outputs)
+        self._module = self._quantize(with_precision(module_on(module, device), precision, outputs))
 
     def _activate(self) -> None:
-        if self._module is None or self._config.compile and self._compiled is None:
+        if self._module is None:
             self._deploy(self._device)
         else:
             super()._activate()
@@ -212,7 +220,9 @@ class TorchAOBackend(Backend):
             self._orig_module = None
         else:
             self._module.to(device)
-        self._compile()
+
+    def _release_weights(self) -> None:
+        self._module = self._orig_module = None
 
     def to_dict(self) -> dict[str, Any]:
         """Common state plus the quantized weights, or the original ones in re-quantize mode."""
@@ -238,6 +248,7 @@ class TorchAOBackend(Backend):
         cls._check_state(module, state_dict)
         config = TorchAOBackendConfig.from_dict(state_dict["config"])
         backend = cls(config)
+        module = with_precision(module, config.precision, state_dict["graph_spec"]["outputs"])
         if config.checkpoint_weights == "quantized":
             check_torchao_compatible(state_dict["versions"]["torchao"])
             module.requires_grad_(False)

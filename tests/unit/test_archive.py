@@ -8,7 +8,7 @@ import zipfile
 import pytest
 import torch
 
-from aitune_core.archive import ArchiveOptions, archive_model
+from aitune_core.archive import ArchiveOptions, archive_model, startup_timeout_for
 from aitune_core.checkpoint import MANIFEST_NAME
 from aitune_core.errors import ArchiveError, CheckpointError, UnsupportedDeviceError
 from models.builders import MODELS, mlp_inputs
@@ -173,3 +173,52 @@ def test_cli_error_is_one_line_and_nonzero(inputs):
     done = run_cli("--model-name", "mlp", "--model-file", inputs["model_file"], "--sample", inputs["samples"][0],
                    "--quantization", "int4")
     assert done.returncode == 2 and "invalid choice: 'int4'" in done.stderr
+
+
+def test_compiled_archive_sets_a_startup_timeout_that_fits_and_keeps_the_users(inputs, tmp_path):
+    import yaml
+
+    lines = []
+    result = archive_model(options(inputs, backend="compile", compile_at="start", archive_format="no-archive"),
+                           progress=lines.append)
+    config = yaml.safe_load((result.archive_path / "model-config.yaml").read_text())
+    assert config["startupTimeout"] == startup_timeout_for(result.build_seconds) >= 120
+    assert f"Set startupTimeout: {config['startupTimeout']} s in the packed model-config" in result.startup_timeout
+    assert result.startup_timeout in lines
+
+    own = tmp_path / "own.yaml"
+    own.write_text("# mine\nbatchSize: 4\nmaxBatchDelay: 50\n")
+    result = archive_model(options(inputs, backend="compile", config_file=own, archive_format="no-archive",
+                                   force=True))
+    text = (result.archive_path / "model-config.yaml").read_text()
+    assert text.startswith("# mine\nbatchSize: 4\nmaxBatchDelay: 50\n")
+    assert yaml.safe_load(text)["startupTimeout"] >= 120
+
+    own.write_text("startupTimeout: 900\nbatchSize: 2\n")
+    result = archive_model(options(inputs, backend="compile", compile_at="start", config_file=own,
+                                   archive_format="no-archive", force=True))
+    assert (result.archive_path / "model-config.yaml").read_text() == own.read_text()
+    assert result.startup_timeout == "Kept your startupTimeout: 900 s"
+
+
+def test_an_uncompiled_archive_packs_the_users_config_as_it_is(inputs, tmp_path):
+    own = tmp_path / "own.yaml"
+    own.write_text("batchSize: 4\n")
+    result = archive_model(options(inputs, config_file=own, archive_format="no-archive"))
+    assert (result.archive_path / "model-config.yaml").read_text() == "batchSize: 4\n"
+    assert result.startup_timeout == ""
+    assert startup_timeout_for(10) == 120 and startup_timeout_for(50) == 260
+
+
+def test_precision_and_compile_at_flags(inputs):
+    from aitune_core.archive import parse_args
+
+    parsed = parse_args(["--model-name", "m", "--model-file", "m.py", "--sample", "s.pt", "--backend", "compile",
+                         "--precision", "bf16", "--compile-at", "start"])
+    assert (parsed.backend, parsed.precision, parsed.compile_at) == ("compile", "bf16", "start")
+    result = archive_model(options(inputs, backend="eager", precision="bf16", archive_format="no-archive"))
+    manifest = json.loads((result.archive_path / MANIFEST_NAME).read_text())
+    assert manifest["describe"] == "TorchEagerBackend(precision='bf16')"
+    assert manifest["accuracy"]["cosine"] >= 0.9999
+    with pytest.raises(SystemExit):
+        parse_args(["--model-name", "m", "--model-file", "m.py", "--sample", "s.pt", "--precision", "int4"])

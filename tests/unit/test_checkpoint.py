@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from aitune_core import CheckpointError, TorchAOBackend, TorchAOBackendConfig, TorchEagerBackend
-from aitune_core.backends import TorchCompileBackend, backend_from_dict
+from aitune_core.backends import TorchCompileBackend, TorchCompileBackendConfig, TorchEagerBackendConfig, backend_from_dict
 from aitune_core.checkpoint import MANIFEST_NAME, load_checkpoint, read_manifest, save_checkpoint, write_manifest
 from models.small import MLP, seeded_mlp
 
@@ -23,7 +23,11 @@ CASES = {
     "int8wo-requantize": lambda: TorchAOBackend(TorchAOBackendConfig(quantization="int8wo",
                                                                      checkpoint_weights="original")),
     "compile": TorchCompileBackend,
+    "compile-at-start": lambda: TorchCompileBackend(TorchCompileBackendConfig(ahead_of_time=False)),
     "int8wo+compile": lambda: TorchAOBackend(TorchAOBackendConfig(quantization="int8wo", compile=True)),
+    "bf16": lambda: TorchEagerBackend(TorchEagerBackendConfig(precision="bf16")),
+    "bf16+compile": lambda: TorchCompileBackend(TorchCompileBackendConfig(precision="bf16")),
+    "int8dq+bf16": lambda: TorchAOBackend(TorchAOBackendConfig(quantization="int8dq", precision="bf16")),
 }
 
 

@@ -31,12 +31,14 @@ def test_serving_device_without_cuda():
         assert serving_device(0) == torch.device("cpu")
 
 
-@pytest.mark.parametrize("backend, quantization", [("eager", None), ("torchao", "int8wo"), ("torchao", "int8dq"),
-                                                   ("compile", None)])
-def test_loaded_archive_answers_like_the_original(tmp_path, backend, quantization):
+@pytest.mark.parametrize("backend, quantization, compile_at", [
+    ("eager", None, "archive"), ("torchao", "int8wo", "archive"), ("torchao", "int8dq", "archive"),
+    ("compile", None, "archive"), ("compile", None, "start")])
+def test_loaded_archive_answers_like_the_original(tmp_path, backend, quantization, compile_at):
     from models.small import seeded_mlp
 
-    model_dir = unpacked(tmp_path, MODELS / "small.py", mlp_inputs, backend=backend, quantization=quantization)
+    model_dir = unpacked(tmp_path, MODELS / "small.py", mlp_inputs, backend=backend, quantization=quantization,
+                         compile_at=compile_at)
     loaded = load_model(model_dir, torch.device("cpu"))
     manifest = loaded.manifest
     assert loaded.backend.state.name == "DEPLOYED"
@@ -47,10 +49,14 @@ def test_loaded_archive_answers_like_the_original(tmp_path, backend, quantizatio
     got = torch.tensor(reply.body)
     assert got.shape == (3, 8)
     assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > manifest["accuracy"]["min_cosine"]
-    if backend == "compile":
-        assert loaded.backend.compiles
+    if backend == "compile" and compile_at == "start":
+        assert loaded.backend.compiles_on_first_calls
         assert (model_dir / "inductor-cache").is_dir()
-        assert "compiled in" in loaded.notes[0] and "graphs from the inductor cache" in loaded.notes[0]
+        assert "the archive has no AOTInductor package" in loaded.notes[0]
+        assert "compiled in" in loaded.notes[1] and "graphs from the inductor cache" in loaded.notes[1]
+    elif backend == "compile":
+        assert not loaded.backend.compiles_on_first_calls
+        assert loaded.notes[0].startswith("AOTInductor package loaded (compiled at archive time for a cpu")
 
 
 def test_batch_with_bad_requests_answers_the_good_ones(tmp_path):
@@ -151,3 +157,26 @@ def test_worker_deploys_the_variant_its_device_can_run(tmp_path):
     write_manifest(model_dir, manifest, files)
     with pytest.raises(UnsupportedDeviceError, match="No variant in this archive runs on cpu: 'cuda-sm89'"):
         load_model(model_dir, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend, quantization, needs_torchao", [("eager", None, False), ("compile", None, False),
+                                                                  ("torchao", "int8wo", True)])
+def test_a_worker_imports_torchao_only_for_an_archive_that_needs_it(tmp_path, backend, quantization, needs_torchao):
+    import subprocess
+    import sys
+
+    from aitune_core.archive import handler_path
+
+    model_dir = unpacked(tmp_path, MODELS / "small.py", mlp_inputs, backend=backend, quantization=quantization)
+    # What a worker runs: the handler's imports, then the load and a request.
+    code = ("import importlib.util, sys, torch\n"
+            "spec = importlib.util.spec_from_file_location('handler_under_test', sys.argv[1])\n"
+            "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+            "from aitune_core.serving import answer_batch, load_model\n"
+            "loaded = load_model(sys.argv[2], torch.device('cpu'))\n"
+            "[reply] = answer_batch(loaded, [({'body': [[0.5] * 32]}, 'application/json')])\n"
+            "print(reply.status, 'torchao' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(handler_path()), str(model_dir)], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["200", str(needs_torchao)]

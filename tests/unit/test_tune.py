@@ -18,8 +18,10 @@ from aitune_core.tune import (
     Timing,
     TuneOptions,
     TuneReport,
+    candidate_names,
     choose,
     make_candidate,
+    parse_candidate,
     pick_variants,
     tune,
 )
@@ -67,12 +69,12 @@ class WrongBackend(FastBackend):
         return torch.randn_like(super()._infer(*args, **kwargs))
 
 
-def run_tune(candidates, module=None, **options):
+def run_tune(candidates, module=None, min_cosine=None, **options):
     module = module or Sleepy()
     samples = [Sample.of(SAMPLE)]
     spec, reference = GraphSpec.record(module, samples)
     return tune(module, spec, samples, reference, torch.device("cpu"), TuneOptions(**{**QUICK, **options}),
-                candidates=candidates, progress=lambda line: None)
+                min_cosine=min_cosine, candidates=candidates, progress=lambda line: None)
 
 
 @pytest.mark.parametrize("strategy, budget", [("max-throughput", None), ("min-latency", None),
@@ -144,6 +146,51 @@ def test_bad_tune_options(changes, message):
 def test_unknown_candidate():
     with pytest.raises(ValueError, match="Unknown tuning candidate 'int4'"):
         make_candidate("int4")
+    with pytest.raises(ValueError, match="Unknown tuning candidate 'compile\\+int8wo'"):
+        make_candidate("compile+int8wo")
+
+
+@pytest.mark.parametrize("name, parsed, describe", [
+    ("eager", (None, None, False), "TorchEagerBackend()"),
+    ("compile", (None, None, True), "TorchCompileBackend()"),
+    ("bf16", (None, "bf16", False), "TorchEagerBackend(precision='bf16')"),
+    ("fp16+compile", (None, "fp16", True), "TorchCompileBackend(precision='fp16')"),
+    ("int8wo", ("int8wo", None, False), "TorchAOBackend(quantization_config=Int8WeightOnlyConfig())"),
+    ("int8dq+bf16+compile", ("int8dq", "bf16", True),
+     "TorchAOBackend(quantization_config=Int8DynamicActivationInt8WeightConfig(),precision='bf16',compile=True)"),
+])
+def test_candidate_names_say_quantization_precision_and_compile(name, parsed, describe):
+    assert name in candidate_names()
+    assert parse_candidate(name) == parsed
+    assert make_candidate(name).make().describe() == describe
+
+
+def test_every_candidate_meets_one_gate_and_a_compiled_twin_of_a_miss_is_not_built():
+    report = run_tune([make_candidate(name) for name in ("int8dq", "int8dq+compile", "int8wo")], module=seeded_mlp(),
+                      min_cosine=0.99999)
+    int8dq, compiled, int8wo = (report.result(name) for name in ("int8dq", "int8dq+compile", "int8wo"))
+    assert {r.min_cosine for r in report.results} == {0.99999}
+    assert int8dq.outcome.startswith("out: accuracy cosine 0.99")
+    assert compiled.outcome == (f"out: accuracy cosine {int8dq.accuracy.cosine:.6f} < gate 0.99999 "
+                                "(measured on int8dq, not compiled)")
+    assert compiled.build_s == 0 and compiled.backend is None
+    default = run_tune([make_candidate("int8wo")], module=seeded_mlp())
+    assert {r.min_cosine for r in default.results} == {0.999}
+
+
+def test_a_cpu_without_native_bf16_leaves_bf16_out(monkeypatch):
+    import aitune_core.precision
+
+    no_bf16 = {"amx_bf16": False, "avx512_bf16": False}
+    monkeypatch.setattr(aitune_core.precision, "cpu_features", lambda: no_bf16)
+    report = run_tune([make_candidate(name) for name in ("bf16", "int8dq+bf16+compile")], module=seeded_mlp())
+    for name in ("bf16", "int8dq+bf16+compile"):
+        assert report.result(name).outcome == ("out: cpu has no fast bf16 (needs a CPU with amx_bf16 or "
+                                               "avx512_bf16)"), name
+    monkeypatch.setattr(aitune_core.precision, "cpu_features", lambda: {**no_bf16, "amx_bf16": True})
+    report = run_tune([make_candidate("bf16")], module=seeded_mlp())
+    bf16 = report.result("bf16")
+    assert bf16.eligible and bf16.accuracy.cosine >= 0.999 and bf16.precision == "bf16"
 
 
 def report_with(winner_result, others, device="cuda:0"):
