@@ -95,24 +95,38 @@ def _valid_vec_isas() -> list[str]:
 
 @dataclasses.dataclass
 class AOTPackage:
-    """An AOTInductor package (a .pt2 zip: shared library and weights) and the machine it was built for."""
+    """An AOTInductor package (a .pt2 zip: shared library and weights), the machine it was built for, and
+    the largest size export found the model takes along a dynamic dim, where it found one: ``[input
+    position or keyword name, dim, size]`` (e.g. BERT's 512 positions). The library checks no size:
+    :func:`check_sizes` does, so a larger input is refused instead of read out of bounds."""
 
     data: bytes
     target: AOTTarget
+    max_sizes: list[list[Any]] = dataclasses.field(default_factory=list)
 
     def to_state(self) -> dict[str, Any]:
         """For ``Backend.to_dict``: the bytes as a uint8 tensor, so ``torch.load(weights_only=True)`` reads them."""
         return {"package": torch.frombuffer(bytearray(self.data), dtype=torch.uint8),
-                "target": dataclasses.asdict(self.target)}
+                "target": dataclasses.asdict(self.target), "max_sizes": self.max_sizes}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "AOTPackage":
-        return cls(data=state["package"].numpy().tobytes(), target=AOTTarget(**state["target"]))
+        return cls(data=state["package"].numpy().tobytes(), target=AOTTarget(**state["target"]),
+                   max_sizes=[list(limit) for limit in state.get("max_sizes", [])])
 
     def load(self, device: torch.device) -> Any:
         """The compiled model, callable like the module; check ``target.cannot_run_on(device)`` first."""
         index = device.index if device.type == "cuda" and device.index is not None else -1
         return torch._inductor.aoti_load_package(io.BytesIO(self.data), device_index=index)
+
+
+def check_sizes(max_sizes: list[list[Any]], args: tuple, kwargs: dict[str, Any]) -> None:
+    """ValueError naming the input when one is larger than an AOTPackage's ``max_sizes`` allow."""
+    for position, dim, size in max_sizes:
+        value = args[position] if isinstance(position, int) and position < len(args) else kwargs.get(position)
+        if isinstance(value, torch.Tensor) and value.shape[dim] > size:
+            name = f"input {position}" if isinstance(position, int) else f"input {position!r}"
+            raise ValueError(f"{name}: dim {dim} is {value.shape[dim]}, the model takes at most {size}")
 
 
 def compile_package(module: torch.nn.Module, graph_spec: GraphSpec, sample: Sample, device: torch.device,
@@ -136,10 +150,10 @@ def compile_package(module: torch.nn.Module, graph_spec: GraphSpec, sample: Samp
     except Exception as error:  # export refuses many kinds of Python; say which and compile at start instead
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         raise AOTCompileError(f"torch.export cannot export the model: {type(error).__name__}: {reason}") from None
-    _check_still_dynamic(exported, graph_spec, example)
+    max_sizes = _check_still_dynamic(exported, graph_spec, example)
     buffer = io.BytesIO()
     torch._inductor.aoti_compile_and_package(exported, package_path=buffer, inductor_configs=inductor_options)
-    return AOTPackage(data=buffer.getvalue(), target=AOTTarget.of(device))
+    return AOTPackage(data=buffer.getvalue(), target=AOTTarget.of(device), max_sizes=max_sizes)
 
 
 def _rows(sample: Sample) -> int:
@@ -192,28 +206,34 @@ def _dynamic_shapes(module: torch.nn.Module, spec: GraphSpec, sample: Sample) ->
     return result
 
 
-def _tensor_nodes(node: dict[str, Any], where: str) -> list[tuple[str, dict[str, Any]]]:
-    """The tensor nodes inside ``node`` in pytree order (what export's placeholders follow)."""
+def _tensor_nodes(node: dict[str, Any], where: str, position: Any) -> list[tuple[str, Any, dict[str, Any]]]:
+    """The tensor nodes inside ``node`` in pytree order (what export's placeholders follow), each with its
+    name for messages and its top-level position (None inside a nested input)."""
     kind = node["kind"]
     if kind == "tensor":
-        return [(where, node)]
+        return [(where, position, node)]
     if kind in ("tuple", "list"):
-        return [leaf for i, item in enumerate(node["items"]) for leaf in _tensor_nodes(item, f"{where}[{i}]")]
+        return [leaf for i, item in enumerate(node["items"]) for leaf in _tensor_nodes(item, f"{where}[{i}]", None)]
     if kind == "dict":
-        return [leaf for key, item in node["items"].items() for leaf in _tensor_nodes(item, f"{where}[{key!r}]")]
+        return [leaf for key, item in node["items"].items()
+                for leaf in _tensor_nodes(item, f"{where}[{key!r}]", None)]
     return []
 
 
-def _check_still_dynamic(exported: Any, spec: GraphSpec, sample: Sample) -> None:
-    """AOTCompileError when export fixed a dim the GraphSpec marks dynamic, or narrowed its sizes (a branch
-    on a size): the compiled library does not check sizes, so a request outside would get a wrong answer."""
+def _check_still_dynamic(exported: Any, spec: GraphSpec, sample: Sample) -> list[list[Any]]:
+    """The largest size export found the model takes along each dynamic dim that has one (see AOTPackage).
+
+    AOTCompileError when export fixed a dim the GraphSpec marks dynamic, or raised its smallest size (a
+    branch on a size: the compiled library checks no size, so a smaller input would get a wrong answer).
+    """
     from torch.utils._sympy.numbers import int_oo
 
-    nodes = [leaf for i, node in enumerate(spec.args) for leaf in _tensor_nodes(node, f"input {i}")]
-    nodes += [leaf for name in sample.kwargs for leaf in _tensor_nodes(spec.kwargs[name], f"input {name!r}")]
+    nodes = [leaf for i, node in enumerate(spec.args) for leaf in _tensor_nodes(node, f"input {i}", i)]
+    nodes += [leaf for name in sample.kwargs for leaf in _tensor_nodes(spec.kwargs[name], f"input {name!r}", name)]
     placeholders = [node for node in exported.graph.nodes
                     if node.op == "placeholder" and node.name in exported.graph_signature.user_inputs]
-    for (where, node), placeholder in zip(nodes, placeholders):
+    max_sizes = []
+    for (where, position, node), placeholder in zip(nodes, placeholders):
         shape = placeholder.meta["val"].shape
         for dim in node["dynamic_dims"]:
             if not isinstance(shape[dim], torch.SymInt):
@@ -221,7 +241,15 @@ def _check_still_dynamic(exported: Any, spec: GraphSpec, sample: Sample) -> None
                                       "samples vary it: the model is compiled when the worker starts instead")
             for symbol in shape[dim].node.expr.free_symbols:
                 sizes = exported.range_constraints.get(symbol)
-                if sizes is not None and (sizes.lower > 2 or sizes.upper != int_oo):
+                if sizes is None:
+                    continue
+                if sizes.lower > 2:
                     raise AOTCompileError(
                         f"the model branches on the size of dim {dim} of {where} (export kept only sizes "
                         f"{sizes.lower}..{sizes.upper}): the model is compiled when the worker starts instead")
+                if sizes.upper != int_oo:
+                    if position is None:
+                        raise AOTCompileError(f"export limits dim {dim} of {where} to {sizes.upper}, inside a "
+                                              "nested input: the model is compiled when the worker starts instead")
+                    max_sizes.append([position, dim, int(sizes.upper)])
+    return max_sizes

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from aitune_core.accuracy import compare_outputs
-from aitune_core.aot import AOTCompileError, AOTPackage, compile_package
+from aitune_core.aot import AOTCompileError, AOTPackage, check_sizes, compile_package
 from aitune_core.graph_spec import BATCH_DIM, GraphSpec, Sample, flatten_tensors
 from aitune_core.payload import split_output
 
@@ -58,6 +58,7 @@ class CompiledModule:
         self.note = note  # how it came to run as it does, for the worker's log
         self._runner: Any = None
         self._jit = False
+        self._max_sizes: list[list[Any]] = []  # of the loaded package
 
     @classmethod
     def build(cls, module: torch.nn.Module, settings: CompileSettings, graph_spec: GraphSpec, sample: Sample,
@@ -120,6 +121,7 @@ class CompiledModule:
             logger.warning("%s", self.note)
             return False
         self._runner, self._jit = self.package.load(device), False
+        self._max_sizes = self.package.max_sizes
         self.note = f"AOTInductor package loaded (compiled at archive time for {target.describe()})"
         if not keep_package:
             self.package = None
@@ -128,6 +130,7 @@ class CompiledModule:
     def compile_at_start(self, module: torch.nn.Module, graph_spec: GraphSpec) -> None:
         """torch.compile ``module``: its first call compiles one graph for every size of the dims the
         GraphSpec records as dynamic (see :class:`DynamicCall`)."""
+        self._max_sizes = []
         self._runner = DynamicCall(torch.compile(module, dynamic=None, options=self.settings.inductor_options()),
                                    graph_spec)
         self._jit = True
@@ -137,6 +140,8 @@ class CompiledModule:
         self._runner, self._jit = None, False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._max_sizes:
+            check_sizes(self._max_sizes, args, kwargs)
         return self._runner(*args, **kwargs)
 
     def to_state(self) -> dict[str, Any]:

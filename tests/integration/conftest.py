@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from aitune_core.archive import ArchiveOptions, archive_model
+from aitune_core.tune import TuneOptions
 from integration.torchserve import REPO, TorchServe
 from models.builders import MODELS, dict_output_inputs, mlp_inputs, two_inputs_inputs
 
@@ -38,6 +39,8 @@ def model_store(tmp_path_factory, inputs):
         "mlp_int8dq": dict(model_file=MODELS / "small.py", inputs=inputs["mlp"], quantization="int8dq"),
         "mlp_batched": dict(model_file=MODELS / "small.py", inputs=inputs["mlp"], config_file=batch_config),
         "two_inputs": dict(model_file=MODELS / "two_inputs.py", inputs=inputs["two"]),
+        "two_inputs_bf16": dict(model_file=MODELS / "two_inputs.py", inputs=inputs["two"], backend="eager",
+                                precision="bf16"),
         "dict_output": dict(model_file=MODELS / "dict_output.py", inputs=inputs["dict"], backend="eager"),
     }
     for name, spec in archives.items():
@@ -48,7 +51,7 @@ def model_store(tmp_path_factory, inputs):
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, model_store):
-    names = ["mlp_eager", "mlp_int8wo", "mlp_int8dq", "mlp_batched", "two_inputs", "dict_output"]
+    names = ["mlp_eager", "mlp_int8wo", "mlp_int8dq", "mlp_batched", "two_inputs", "two_inputs_bf16", "dict_output"]
     instance = TorchServe(tmp_path_factory.mktemp("torchserve"), model_store, {n: f"{n}.mar" for n in names})
     instance.start()
     try:
@@ -96,10 +99,15 @@ def minilm_server(tmp_path_factory, minilm_inputs):
     # minilm_load: int8wo batched for a few concurrent clients (batchSize 4, short maxBatchDelay).
     load_config = store.parent / "minilm-load.yaml"
     load_config.write_text("batchSize: 4\nmaxBatchDelay: 20\nresponseTimeout: 120\n")
+    # minilm_tuned: --tune under its one gate (0.999) on the whole sentence set; a short list of
+    # candidates keeps it to about a minute (int8dq misses the gate, so int8dq+compile is not built).
+    tune = TuneOptions(candidates=("eager", "compile", "int8dq", "int8dq+compile"), batch_sizes=(1, 8), repeats=5,
+                       max_seconds=0.5)
     variants = {"minilm_eager": {"backend": "eager", "samples": quick},
                 "minilm_int8wo": {"config_file": batch_config, "samples": full},
                 "minilm_int8dq": {"quantization": "int8dq", "samples": quick},
-                "minilm_load": {"config_file": load_config, "samples": quick}}
+                "minilm_load": {"config_file": load_config, "samples": quick},
+                "minilm_tuned": {"config_file": batch_config, "samples": full, "tune": tune}}
     for name, changes in variants.items():
         archive_model(ArchiveOptions(model_name=name, model_file=MINILM / "minilm.py",
                                      weights=minilm_inputs / "weights.pt", text_tokenizer=tokenizer,

@@ -42,6 +42,27 @@ def test_two_inputs_and_tuple_output(server):
     assert cosine(body[1], norms) >= 0.999
 
 
+def test_bf16_inside_keeps_the_request_and_answer_dtypes(server, inputs):
+    from aitune_core import Sample, TorchEagerBackend
+    from aitune_core.backends import TorchEagerBackendConfig
+    from models.two_inputs import TwoInputs
+
+    torch.manual_seed(0)
+    reference = TwoInputs().eval()
+    weights, samples = inputs["two"]
+    in_process = TorchEagerBackend(TorchEagerBackendConfig(precision="bf16")).build(
+        reference, None, [Sample.of(torch.load(path, weights_only=True)) for path in samples], "cpu")
+    x, ids = torch.randn(3, 16), torch.randint(0, 100, (3, 6))  # float32 and int64, as recorded
+    status, body = server.predict("two_inputs_bf16", json.dumps({"inputs": [x.tolist(), ids.tolist()]}))
+    assert status == 200, body
+    for served, local, fp32 in zip(body, in_process.infer(x, ids), reference(x, ids)):
+        assert local.dtype == torch.float32
+        assert torch.equal(torch.tensor(served), local)
+        assert cosine(served, fp32) >= 0.999
+    status, body = server.predict("two_inputs_bf16", json.dumps({"inputs": [x.tolist(), (ids + 0.5).tolist()]}))
+    assert status == 400 and "input 1: expected integers (int64)" in body["error"]
+
+
 def test_dict_output_with_kwargs(server):
     from models.dict_output import DictOutput
 

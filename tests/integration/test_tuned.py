@@ -1,5 +1,6 @@
-"""Tuned and compiled archives through the real torchserve: the variant is logged, a restarted
-worker reuses inductor's cache from the model folder, and the answers stay right."""
+"""Tuned and compiled archives through the real torchserve: the variant is logged, a worker loads an
+ahead-of-time compiled package (and so restarts in seconds), a worker that compiles at start reuses
+inductor's cache from the model folder when restarted, and the answers stay right."""
 
 import json
 import os
@@ -24,13 +25,14 @@ def tuned_server(tmp_path_factory, inputs):
     weights, samples = inputs["mlp"]
     common = dict(model_file=MODELS / "small.py", weights=weights, samples=samples, export_path=tmp / "store")
     archive_model(ArchiveOptions(model_name="mlp_compile", backend="compile", **common))
+    archive_model(ArchiveOptions(model_name="mlp_compile_start", backend="compile", compile_at="start", **common))
     archive_model(ArchiveOptions(model_name="mlp_tuned", **common, tune=TuneOptions(
         candidates=("int8wo", "compile"), batch_sizes=(1, 8), repeats=5, max_seconds=0.2)))
-    server = TorchServe(tmp / "ts", tmp / "store", {"mlp_compile": "mlp_compile.mar",
-                                                    "mlp_tuned": "mlp_tuned.mar"}).start()
+    names = ["mlp_compile", "mlp_compile_start", "mlp_tuned"]
+    server = TorchServe(tmp / "ts", tmp / "store", {name: f"{name}.mar" for name in names}).start()
     try:
-        server.wait_ready("mlp_compile", timeout=300)
-        server.wait_ready("mlp_tuned", timeout=300)
+        for name in names:
+            server.wait_ready(name, timeout=300)
         yield server
     finally:
         server.stop()
@@ -40,7 +42,7 @@ def ready_lines(server, model):
     return re.findall(rf"AITune: model {model} ready: .*", server.model_log())
 
 
-@pytest.mark.parametrize("model", ["mlp_compile", "mlp_tuned"])
+@pytest.mark.parametrize("model", ["mlp_compile", "mlp_compile_start", "mlp_tuned"])
 def test_answers_match_the_original(tuned_server, reference_mlp, model):
     status, body = tuned_server.predict(model, json.dumps(X.tolist()))
     assert status == 200, body
@@ -53,17 +55,34 @@ def test_tuned_worker_logs_its_variant(tuned_server):
     assert re.search(r"variant 'cpu': \S+ won on cpu: ", line), line
 
 
-def test_restarted_worker_compiles_from_the_cache_in_the_model_dir(tuned_server):
-    [first] = ready_lines(tuned_server, "mlp_compile")
-    assert re.search(r"compiled in [\d.]+ s \(\d+ graphs from the inductor cache, [1-9]\d* compiled anew\)", first)
-    [pid] = tuned_server.worker_pids("mlp_compile")
+def restart(server, model):
+    """kill -9 the model's worker; the ready line of the worker TorchServe starts in its place."""
+    [pid] = server.worker_pids(model)
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and tuned_server.worker_pids("mlp_compile") in ([], [pid]):
+    while time.monotonic() < deadline and server.worker_pids(model) in ([], [pid]):
         time.sleep(0.5)
-    assert tuned_server.worker_pids("mlp_compile") not in ([], [pid])
-    second = ready_lines(tuned_server, "mlp_compile")[-1]
-    assert re.search(r"\([1-9]\d* graphs from the inductor cache, 0 compiled anew\)", second), second
+    assert server.worker_pids(model) not in ([], [pid])
+    return ready_lines(server, model)[-1]
+
+
+def test_a_compiled_archive_loads_its_package_and_compiles_nothing(tuned_server):
+    [first] = ready_lines(tuned_server, "mlp_compile")
+    assert "AOTInductor package loaded (compiled at archive time for a cpu" in first, first
+    assert "compiled in" not in first
+    second = restart(tuned_server, "mlp_compile")
+    assert "AOTInductor package loaded" in second, second
     status, body = tuned_server.predict("mlp_compile", json.dumps(X.tolist()))
+    assert status == 200 and torch.tensor(body).shape == (3, 8)
+    print(f"\nahead of time: first start in {first.split(' in ', 1)[1].split(';')[0]}, "
+          f"restart in {second.split(' in ', 1)[1].split(';')[0]}")
+
+
+def test_restarted_worker_compiles_from_the_cache_in_the_model_dir(tuned_server):
+    [first] = ready_lines(tuned_server, "mlp_compile_start")
+    assert re.search(r"compiled in [\d.]+ s \(\d+ graphs from the inductor cache, [1-9]\d* compiled anew\)", first)
+    second = restart(tuned_server, "mlp_compile_start")
+    assert re.search(r"\([1-9]\d* graphs from the inductor cache, 0 compiled anew\)", second), second
+    status, body = tuned_server.predict("mlp_compile_start", json.dumps(X.tolist()))
     assert status == 200 and torch.tensor(body).shape == (3, 8)
     print(f"\nfirst start: {first.split(' in ', 1)[1]}\nrestart: {second.split(' in ', 1)[1]}")

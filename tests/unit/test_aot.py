@@ -137,3 +137,24 @@ def test_compiled_at_start_no_request_recompiles_after_warm_up():
             x, ids = inputs(rows, length)
             assert torch.allclose(deployed.infer(x, ids)[0], reference(x, ids)[0], rtol=1e-4, atol=1e-5)
     assert graphs_compiled() == before
+
+
+class Positions(torch.nn.Module):
+    """Adds a learned position vector per token, for at most 16 tokens (as BERT has 512)."""
+
+    def __init__(self):
+        super().__init__()
+        self.positions = torch.nn.Parameter(torch.randn(16, 4, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, ids):
+        return ids.float().unsqueeze(-1) + self.positions[: ids.shape[1]]
+
+
+def test_a_size_limit_export_finds_is_kept_and_checked():
+    samples = [torch.ones(2, 5, dtype=torch.long), torch.ones(1, 7, dtype=torch.long)]
+    backend = TorchCompileBackend().build(Positions(), None, samples, "cpu")
+    assert backend.to_dict()["compiled"]["package"]["max_sizes"] == [[0, 1, 16]]
+    longest = torch.ones(3, 16, dtype=torch.long)
+    assert torch.equal(backend.infer(longest), Positions()(longest))
+    with pytest.raises(ValueError, match="^input 0: dim 1 is 17, the model takes at most 16$"):
+        backend.infer(torch.ones(3, 17, dtype=torch.long))
