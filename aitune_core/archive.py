@@ -480,6 +480,9 @@ def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
     tuning.add_argument("--candidates", help=f"comma-separated subset of: {', '.join(candidate_names())}")
     tuning.add_argument("--tune-devices", help="devices to tune on, one variant each, e.g. cpu,cuda:0 "
                                                "(default: --device)")
+    tuning.add_argument("--no-keep-float", action="store_true",
+                        help="a quantization that misses the gate is out (default: tried again with its costliest "
+                             "layers kept in float)")
     args = parser.parse_args(argv)
     tune_options = None
     if args.tune:
@@ -487,15 +490,16 @@ def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
             tune_options = TuneOptions(
                 strategy=args.strategy, budget_ms=args.budget_ms,
                 batch_sizes=tuple(int(size) for size in args.batch_sizes.split(",")),
-                candidates=tuple(args.candidates.split(",")) if args.candidates else None)
+                candidates=tuple(args.candidates.split(",")) if args.candidates else None,
+                keep_float=not args.no_keep_float)
         except ValueError as error:
             parser.error(str(error) if "invalid literal" not in str(error)
                          else f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
         if args.quantization or args.compile or args.precision or args.backend != "torchao" or args.compile_at != "archive":
             parser.error("--tune chooses the backend itself: instead of --backend, --quantization, --precision, "
                          "--compile or --compile-at, name the candidates with --candidates")
-    elif any(value is not None for value in (args.budget_ms, args.candidates, args.tune_devices)):
-        parser.error("--budget-ms, --candidates and --tune-devices apply with --tune only")
+    elif any(value is not None for value in (args.budget_ms, args.candidates, args.tune_devices)) or args.no_keep_float:
+        parser.error("--budget-ms, --candidates, --tune-devices and --no-keep-float apply with --tune only")
     try:
         model_kwargs = json.loads(args.model_kwargs)
     except json.JSONDecodeError as error:

@@ -5,7 +5,9 @@ quantization, each with and without +compile, and quantizations combined with a 
 candidate the device cannot run fast (bf16 on a CPU without AMX/AVX-512 BF16, fp8dq below compute
 capability 8.9) is out with what it needs. Every candidate meets one accuracy gate (``--min-cosine``,
 default 0.999), so tuning never buys speed with accuracy the user did not choose to give; a compiled
-candidate whose uncompiled twin already missed the gate is out without being compiled. The strategy
+candidate whose uncompiled twin already missed the gate is out without being compiled. A quantization
+that misses the gate is tried again with its costliest layers kept in float (aitune_core.float_layers),
+and its +compile twin is built with the same layers kept. The strategy
 scores the rest from their timings; eager is always measured and wins unless the best candidate beats
 it by more than the noise (the larger of ``min_gain`` and eager's own spread, p90 / median - 1).
 """
@@ -37,6 +39,7 @@ from aitune_core.backends.torchao import (
 )
 from aitune_core.checkpoint import CHECKPOINT_NAME
 from aitune_core.errors import UnsupportedDeviceError
+from aitune_core.float_layers import float_layers_for_gate
 from aitune_core.graph_spec import GraphSpec, Sample
 from aitune_core.precision import CUDA_CAPABILITY_FOR, PRECISIONS, missing_support
 from aitune_core.variants import ANY_DEVICE, Variant
@@ -62,6 +65,7 @@ class TuneOptions:
     repeats: int = 20
     max_seconds: float = 1.5  # per candidate and batch size, after warm-up; at least 3 timed calls
     min_gain: float = 0.05
+    keep_float: bool = True  # a quantization that misses the gate is tried with its costliest layers in float
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -101,12 +105,12 @@ def parse_candidate(name: str) -> tuple[str | None, str | None, bool]:
     return quantization, precision, compiled
 
 
-def make_candidate(name: str) -> Candidate:
-    """The candidate called ``name`` (see candidate_names)."""
+def make_candidate(name: str, skip_modules: list[str] | None = None) -> Candidate:
+    """The candidate called ``name`` (see candidate_names); a quantization leaves ``skip_modules`` in float."""
     quantization, precision, compiled = parse_candidate(name)
     if quantization is not None:
         return Candidate(name, lambda: TorchAOBackend(TorchAOBackendConfig(
-            quantization=quantization, precision=precision, compile=compiled)))
+            quantization=quantization, precision=precision, compile=compiled, skip_modules=list(skip_modules or []))))
     if compiled:
         return Candidate(name, lambda: TorchCompileBackend(TorchCompileBackendConfig(precision=precision)))
     return Candidate(name, lambda: TorchEagerBackend(TorchEagerBackendConfig(precision=precision)))
@@ -136,6 +140,7 @@ class CandidateResult:
     describe: str = ""
     quantization: str | None = None
     precision: str | None = None
+    skip_modules: list[str] = dataclasses.field(default_factory=list)  # layers kept in float
     accuracy: Accuracy | None = None
     min_cosine: float | None = None
     build_s: float = 0.0
@@ -180,11 +185,12 @@ class TuneReport:
                 + [f"b{b} p50/p90 ms" for b in sizes] + [f"b{b} rows/s" for b in sizes] + ["outcome"])
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.results:
+            name = f"{r.name} ({len(r.skip_modules)} layers in float)" if r.skip_modules else r.name
             accuracy = f"{r.accuracy.cosine:.6f} ({r.min_cosine})" if r.accuracy else "-"
             latency = [f"{r.timings[b].median_ms:.2f}/{r.timings[b].p90_ms:.2f}" if b in r.timings else "-" for b in sizes]
             rate = [f"{r.timings[b].rows_per_s:.0f}" if b in r.timings else "-" for b in sizes]
             size = f"{r.size_bytes / 1e6:.2f}" if r.size_bytes else "-"
-            row = [r.name, accuracy, f"{r.build_s:.2f}", f"{r.first_call_s:.2f}", size,
+            row = [name, accuracy, f"{r.build_s:.2f}", f"{r.first_call_s:.2f}", size,
                    *latency, *rate, r.outcome]
             lines.append("| " + " | ".join(row) + " |")
         return "\n".join(lines)
@@ -262,6 +268,7 @@ def measure_candidate(candidate: Candidate, module: torch.nn.Module, graph_spec:
     backend = candidate.make()
     result.describe, result.quantization = backend.describe(), quantization_of(backend)
     result.precision = getattr(backend.config, "precision", None)
+    result.skip_modules = list(getattr(backend.config, "skip_modules", []))
     result.min_cosine = TUNE_MIN_COSINE if min_cosine is None else min_cosine
     try:
         backend.check_device(device)
@@ -368,14 +375,44 @@ def tune(module: torch.nn.Module, graph_spec: GraphSpec, samples: list[Sample], 
         done = round(20 * index / len(candidates))
         progress(f"tuning [{'#' * done}{'.' * (20 - done)}] {index + 1}/{len(candidates)} {candidate.name} on {device}")
         twin = next((r for r in results if r.name == uncompiled_twin(candidate.name)), None)
+        if twin is not None and twin.skip_modules:  # the twin passed with these layers in float
+            candidate = make_candidate(candidate.name, twin.skip_modules)
         result = measure_candidate(candidate, module, graph_spec, samples, reference, device, options, min_cosine,
                                    twin)
+        # A twin measured already settled the layers kept in float (or that none are enough).
+        if options.keep_float and missed_the_gate(result) and result.quantization and twin is None \
+                and candidate.name in candidate_names():
+            result = keep_layers_in_float(candidate.name, result, module, graph_spec, samples, reference, device,
+                                          options, min_cosine, progress)
         results.append(result)
         if result.outcome:
             progress(f"  {candidate.name}: {result.outcome}")
     winner, reason = choose(results, options)
     progress(f"tuning [{'#' * 20}] done on {device}: {reason}")
     return TuneReport(device=str(device), options=options, results=results, winner=winner, reason=reason)
+
+
+def missed_the_gate(result: CandidateResult) -> bool:
+    return result.accuracy is not None and result.outcome.startswith("out: accuracy")
+
+
+def keep_layers_in_float(name: str, missed: CandidateResult, module: torch.nn.Module, graph_spec: GraphSpec,
+                         samples: list[Sample], reference: list[Any], device: torch.device, options: TuneOptions,
+                         min_cosine: float | None, progress: Callable[[str], None]) -> CandidateResult:
+    """``name`` measured again with its costliest layers kept in float, or ``missed`` when that does not
+    pass the gate either. Layer costs are measured without compiling (compiling does not change them)."""
+    quantization, precision, _ = parse_candidate(name)
+    progress(f"  {name}: {missed.outcome.removeprefix('out: ')}: keeping its costliest layers in float")
+
+    def make(skip: list[str]) -> Backend:
+        return TorchAOBackend(TorchAOBackendConfig(quantization=quantization, precision=precision, skip_modules=skip))
+
+    found = float_layers_for_gate(make, module, graph_spec, samples, reference, device, missed.min_cosine, progress)
+    if found is None:
+        missed.outcome += "; keeping up to half its layers in float did not pass it either"
+        return missed
+    return measure_candidate(make_candidate(name, found.names), module, graph_spec, samples, reference, device,
+                             options, min_cosine)
 
 
 def needs_capability(result: CandidateResult, device_type: str) -> tuple[int, int] | None:

@@ -72,6 +72,8 @@ class TorchAOBackendConfig(BackendConfig):
     ``compile`` compiles the quantized module with inductor: ahead of time (AOTInductor, at archive
     time) unless ``ahead_of_time=False``, with ``freezing`` (weights folded into the graph).
     ``precision`` ("bf16", "fp16") casts the module's float weights and math before quantizing.
+    ``skip_modules`` names modules (as ``model.named_modules()`` does) left unquantized: the tuner keeps
+    the layers whose quantization costs the most accuracy in float when that is what passes its gate.
     """
 
     quantization: str | None = None
@@ -81,9 +83,11 @@ class TorchAOBackendConfig(BackendConfig):
     precision: str | None = None
     freezing: bool = True
     ahead_of_time: bool = True
+    skip_modules: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        self.skip_modules = sorted(self.skip_modules)
         if self.quantization is not None and self.quantization_config is not None:
             raise ValueError("Only one of quantization or quantization_config should be provided.")
         if self.quantization is None and self.quantization_config is None:
@@ -110,6 +114,7 @@ class TorchAOBackendConfig(BackendConfig):
             "precision": self.precision,
             "freezing": self.freezing,
             "ahead_of_time": self.ahead_of_time,
+            "skip_modules": list(self.skip_modules),
         }
 
     @classmethod
@@ -119,7 +124,8 @@ class TorchAOBackendConfig(BackendConfig):
         return cls(
             quantization_config=load_torchao_config(config_dict["quantization_config"]),
             **{name: config_dict.get(name, getattr(defaults, name))
-               for name in ("checkpoint_weights", "compile", "precision", "freezing", "ahead_of_time")},
+               for name in ("checkpoint_weights", "compile", "precision", "freezing", "ahead_of_time",
+                            "skip_modules")},
         )
 
     def describe(self) -> str:
@@ -131,6 +137,8 @@ class TorchAOBackendConfig(BackendConfig):
         for name in names:
             if getattr(self, name) != getattr(defaults, name):
                 text += f",{name}={getattr(self, name)!r}"
+        if self.skip_modules:  # the names are in to_dict(); a count keeps log lines readable
+            text += f",skip_modules=<{len(self.skip_modules)} modules kept in float>"
         return text
 
     def compile_settings(self) -> CompileSettings | None:
@@ -178,6 +186,13 @@ def check_torchao_compatible(written_by: str) -> None:
         )
 
 
+def _linear_outside(skipped: set[str]):
+    """quantize_'s filter: every nn.Linear whose name is not in ``skipped``."""
+    def filter_fn(child: torch.nn.Module, fqn: str) -> bool:
+        return isinstance(child, torch.nn.Linear) and fqn not in skipped
+    return filter_fn
+
+
 class TorchAOBackend(Backend):
     """Backend that quantizes a module with torchao (int8wo, int8dq, fp8wo, fp8dq or any config)."""
 
@@ -191,9 +206,18 @@ class TorchAOBackend(Backend):
         check_device_can_run(self._config.quantization_config, device)
 
     def _quantize(self, module: torch.nn.Module) -> torch.nn.Module:
-        """Quantize ``module`` (already on the target device) in place and return it."""
+        """Quantize ``module`` (already on the target device) in place, but for ``skip_modules``, and return it."""
         before = {name: type(p) for name, p in module.named_parameters()}
-        quantize_(module, self._config.quantization_config)
+        filter_fn = None
+        if self._config.skip_modules:
+            # Names are the user's module's; a precision wrapper puts that module under "module.".
+            prefix = "module." if self._config.precision else ""
+            skipped = {prefix + name for name in self._config.skip_modules}
+            unknown = sorted(skipped - dict(module.named_modules()).keys())
+            if unknown:
+                raise ValueError(f"skip_modules names no module of {type(module).__name__}: {', '.join(unknown)}")
+            filter_fn = _linear_outside(skipped)
+        quantize_(module, self._config.quantization_config, filter_fn=filter_fn)
         changed = sum(type(p) is not before.get(name) for name, p in module.named_parameters())
         if changed == 0:
             logger.warning("%s quantized no weight of %s: it has no layer torchao converts (nn.Linear)",

@@ -28,6 +28,7 @@ CASES = {
     "bf16": lambda: TorchEagerBackend(TorchEagerBackendConfig(precision="bf16")),
     "bf16+compile": lambda: TorchCompileBackend(TorchCompileBackendConfig(precision="bf16")),
     "int8dq+bf16": lambda: TorchAOBackend(TorchAOBackendConfig(quantization="int8dq", precision="bf16")),
+    "int8dq, fc2 in float": lambda: TorchAOBackend(TorchAOBackendConfig(quantization="int8dq", skip_modules=["fc2"])),
 }
 
 

@@ -5,10 +5,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from torchao.quantization import Int8WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig, PerTensor
 
 from aitune_core import TorchAOBackend, TorchAOBackendConfig, TorchEagerBackend
 from aitune_core.backends.eager import TorchEagerBackendConfig
+from models.small import seeded_mlp
 
 
 def test_exactly_one_of_name_and_config():
@@ -99,3 +101,18 @@ def test_loading_a_config_does_not_import_transformers(hash_seed):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           env={**__import__("os").environ, "PYTHONHASHSEED": hash_seed})
     assert done.stdout.split() == ["Int8WeightOnlyConfig", "False"]
+
+
+def test_skip_modules_travel_in_the_config_and_name_real_modules():
+    config = TorchAOBackendConfig(quantization="int8dq", skip_modules=["fc2", "fc1"])
+    assert config.skip_modules == ["fc1", "fc2"]
+    again = TorchAOBackendConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again.skip_modules == ["fc1", "fc2"] and again.key() == config.key()
+    assert config.key() != TorchAOBackendConfig(quantization="int8dq").key()
+    assert TorchAOBackend(config).describe().endswith(",skip_modules=<2 modules kept in float>)")
+    built = TorchAOBackend(TorchAOBackendConfig(quantization="int8dq", skip_modules=["fc2"]))
+    built.build(seeded_mlp(), None, [torch.randn(2, 32)], "cpu")
+    assert type(built._module.fc2.weight) is torch.nn.Parameter and type(built._module.fc1.weight) is not torch.nn.Parameter
+    with pytest.raises(ValueError, match="skip_modules names no module of MLP: fc3"):
+        TorchAOBackend(TorchAOBackendConfig(quantization="int8dq", skip_modules=["fc3"])).build(
+            seeded_mlp(), None, [torch.randn(2, 32)], "cpu")

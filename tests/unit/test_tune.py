@@ -265,3 +265,52 @@ def test_unknown_candidate_in_archive_options_writes_nothing(tmp_path):
                                      samples=samples, export_path=tmp_path / "store",
                                      tune=TuneOptions(candidates=("int3",))))
     assert not (tmp_path / "store").exists()
+
+
+class OneFragileLayer(torch.nn.Module):
+    """Four layers; the second sees one feature 1000x the others, a feature it ignores: int8 activations
+    scaled to that outlier lose everything else, so that one layer costs all the accuracy."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(32, 32) for _ in range(4)])
+        with torch.no_grad():
+            self.layers[1].weight[:, 0] = 0
+
+    def forward(self, x):
+        x = self.layers[0](x) * torch.tensor([1000.0] + [1.0] * 31)
+        for layer in self.layers[1:]:
+            x = torch.relu(layer(x))
+        return x
+
+
+def test_a_quantization_that_misses_the_gate_keeps_its_costliest_layer_in_float():
+    report = run_tune([make_candidate(name) for name in ("int8dq", "int8dq+compile")], module=OneFragileLayer().eval())
+    int8dq, compiled = report.result("int8dq"), report.result("int8dq+compile")
+    assert int8dq.skip_modules == compiled.skip_modules == ["layers.1"]
+    assert int8dq.eligible and compiled.eligible and int8dq.accuracy.cosine >= 0.999
+    assert compiled.backend.config.skip_modules == ["layers.1"] and compiled.backend.config.compile
+    assert "| int8dq (1 layers in float) |" in report.table()
+    plain = run_tune([make_candidate("int8dq")], module=OneFragileLayer().eval(), keep_float=False)
+    assert plain.result("int8dq").outcome.startswith("out: accuracy cosine 0.9")
+
+
+def test_keeping_half_the_layers_in_float_is_the_limit():
+    from aitune_core.float_layers import float_layers_for_gate, linear_layers
+
+    module = OneFragileLayer().eval()
+    samples = [Sample.of(SAMPLE)]
+    spec, reference = GraphSpec.record(module, samples)
+    made = []
+
+    def make(skip):
+        made.append(skip)
+        return make_candidate("int8dq", skip).make()
+
+    assert float_layers_for_gate(make, module, spec, samples, reference, torch.device("cpu"), 1.01,
+                                 progress=lambda line: None) is None
+    assert max(len(skip) for skip in made[len(linear_layers(module)):]) == 2  # half of the 4 layers
+    found = float_layers_for_gate(make, module, spec, samples, reference, torch.device("cpu"), 0.999,
+                                  progress=lambda line: None)
+    assert found.names == ["layers.1"] and found.cosine >= 0.999 and max(found.costs, key=found.costs.get) == "layers.1"
