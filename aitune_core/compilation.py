@@ -120,7 +120,15 @@ class CompiledModule:
                          f"here ({why_not}): compiling on this worker instead")
             logger.warning("%s", self.note)
             return False
-        self._runner, self._jit = self.package.load(device), False
+        try:
+            runner = self.package.load(device)
+        except Exception as error:  # e.g. a library the package links against differs on this machine
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            self.note = (f"the archive's AOTInductor package cannot be loaded here ({type(error).__name__}: "
+                         f"{reason}): compiling on this worker instead")
+            logger.warning("%s", self.note)
+            return False
+        self._runner, self._jit = runner, False
         self._max_sizes = self.package.max_sizes
         self.note = f"AOTInductor package loaded (compiled at archive time for {target.describe()})"
         if not keep_package:

@@ -198,7 +198,7 @@ def minilm(report: Report, settings: Settings, work: Path) -> dict[str, Any]:
     for name in ("minilm_eager", "minilm_eager_copy"):
         archive_model(ArchiveOptions(model_name=name, backend="eager", samples=quick, **common))
     started = time.perf_counter()
-    tuned = archive_model(ArchiveOptions(model_name="minilm_tuned", samples=[work / "sample_sentences.pt", quick[0]],
+    tuned = archive_model(ArchiveOptions(model_name="minilm_tuned", samples=[quick[0], work / "sample_sentences.pt"],
                                          tune=TuneOptions(candidates=settings.candidates), **common),
                           progress=lambda line: print(line, flush=True))
     details: dict[str, Any] = {"tune_s": round(time.perf_counter() - started, 1),

@@ -158,3 +158,16 @@ def test_a_size_limit_export_finds_is_kept_and_checked():
     assert torch.equal(backend.infer(longest), Positions()(longest))
     with pytest.raises(ValueError, match="^input 0: dim 1 is 17, the model takes at most 16$"):
         backend.infer(torch.ones(3, 17, dtype=torch.long))
+
+
+def test_a_package_that_cannot_be_loaded_is_compiled_at_start_instead(ahead):
+    built, state = ahead
+    package = state["compiled"]["package"]
+    broken = {**state, "compiled": {"package": {**package, "package": package["package"][:1000].clone()}}}
+    deployed = reload(broken)
+    deployed.deploy("cpu")
+    assert "the archive's AOTInductor package cannot be loaded here (" in deployed.compile_note
+    assert deployed.compiles_on_first_calls
+    x, ids = SAMPLES[0]
+    for got, expected in zip(deployed.infer(x, ids), built.infer(x, ids)):
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
