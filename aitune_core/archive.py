@@ -220,10 +220,10 @@ def _check_text_codec(options: ArchiveOptions, backend: Backend) -> dict[str, An
         codec = TextCodec(text_options, options.text_tokenizer)
     except Exception as error:
         raise ArchiveError(f"--text-tokenizer {options.text_tokenizer} is not a tokenizers tokenizer.json: {error}") from None
-    [reply] = codec.answer(backend, [codec.decode("A sentence to check the text path.")])
-    if reply.status != 200:
+    [outcome] = codec.answer(backend, [codec.decode("A sentence to check the text path.")])
+    if outcome.status != 200:
         raise ArchiveError(f"The model cannot take tokenized text as forward(input_ids, attention_mask): "
-                           f"{reply.body['error']}")
+                           f"{outcome.error}")
     return text_options.to_dict()
 
 
