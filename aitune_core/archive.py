@@ -28,6 +28,8 @@ from aitune_core.accuracy import Accuracy, compare_outputs, min_cosine_for
 from aitune_core.backend import Backend, library_versions
 from aitune_core.backends import BACKENDS, QUANTIZATIONS, make_backend, quantization_of
 from aitune_core.backends.torchao import CHECKPOINT_WEIGHTS
+from aitune_core.bundle import REQUIREMENTS_NAME, stage_package
+from aitune_core.bundle import requirements as bundle_requirements
 from aitune_core.codecs import TextCodec, TextOptions
 from aitune_core.checkpoint import CHECKPOINT_NAME, MANIFEST_NAME, save_checkpoint, write_manifest
 from aitune_core.devices import parse_device
@@ -320,12 +322,16 @@ def _package(options: ArchiveOptions, checkpoints: dict[str, Backend], extra_fil
         for name, data in extra_files.items():
             extra.append(files / name)
             extra[-1].write_bytes(data)
-        write_manifest(files, manifest, [saved[0], *extra])
+        requirements = files / REQUIREMENTS_NAME
+        requirements.write_text(bundle_requirements(options.text_tokenizer is not None))
+        write_manifest(files, manifest, [saved[0], *extra, requirements])
+        package = stage_package(staging / "package")
         command = [
             sys.executable, "-m", "model_archiver.model_packaging",
             "--model-name", options.model_name, "--version", options.version,
             "--handler", str(handler_path()), "--serialized-file", str(saved[0]),
-            "--extra-files", ",".join(str(path) for path in [*extra, files / MANIFEST_NAME]),
+            "--extra-files", ",".join(str(path) for path in [*extra, files / MANIFEST_NAME, package]),
+            "--requirements-file", str(requirements),
             "--export-path", str(out), "--archive-format", options.archive_format,
         ]
         if options.config_file is not None:

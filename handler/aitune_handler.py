@@ -29,6 +29,17 @@ from aitune_core.serving import answer_batch, batch_failure, load_model, serving
 logger = logging.getLogger(__name__)
 
 
+def _one_line_for_bad_requests(record):
+    """TorchServe logs a traceback for every PredictionException; ours is a bad request: one line."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, PredictionException):
+        record.msg, record.args, record.exc_info = "Bad gRPC request (%s): %s", (error.error_code, error.message), None
+    return True
+
+
+logging.getLogger("ts.service").addFilter(_one_line_for_bad_requests)
+
+
 class AITuneHandler(BaseHandler):
     """Deploys the archived backend on the worker's device and answers every protocol TorchServe routes to it."""
 

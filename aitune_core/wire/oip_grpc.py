@@ -10,7 +10,8 @@ that relay allows and needs, read from its source and checked against a real tor
   restart the worker. Only the datatypes ``InferTensorContents`` has fields for can be sent back
   (FP16 and BF16 outputs go as FP32).
 - ``raw_input_contents``, ``outputs`` and ``parameters`` of the request are dropped by the frontend:
-  an input sent as raw bytes arrives without data, and is refused with a message that says so.
+  an input sent as raw bytes arrives with empty data (or none, for a datatype the frontend does
+  not know), and is refused with a message that says so.
 - a per-request status is ignored; only a failure of the whole worker batch becomes a gRPC error
   status. ``aitune_core.serving`` raises one when the batch held just this request; inside a larger
   batch the error comes back as a BYTES output named ``error`` (see ``error_response``).
@@ -46,7 +47,9 @@ def decode(request: Request, codec: Codec) -> Call:
     if not isinstance(inputs, list) or not inputs:
         raise BadRequestError("the ModelInfer request has no inputs")
     for tensor in inputs:
-        if isinstance(tensor, dict) and "data" not in tensor:
+        # The frontend copies only the typed field of the input's datatype: raw bytes leave it empty.
+        empty = isinstance(tensor, dict) and not tensor.get("data") and _numel(tensor.get("shape")) != 0
+        if empty:
             raise BadRequestError(
                 f"input {tensor.get('name')!r}: no data reached the model: TorchServe 0.12's gRPC frontend forwards "
                 f"only typed contents (fp32_contents, int64_contents, bytes_contents...) and drops "
@@ -54,6 +57,15 @@ def decode(request: Request, codec: Codec) -> Call:
     call = kserve_v2.decode({key: header[key] for key in ("id", "inputs") if key in header}, codec,
                             base64_bytes=True)
     return Call(encode, call.inputs, request_id(header))
+
+
+def _numel(shape: Any) -> int | None:
+    if not isinstance(shape, list) or not all(isinstance(dim, int) for dim in shape):
+        return None
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    return numel
 
 
 def request_id(header: Any) -> str:

@@ -35,23 +35,28 @@ def free_ports(count: int) -> list[int]:
 class TorchServe:
     """Start with ``start()``, stop with ``stop()``; talk to it with ``predict`` and ``describe``."""
 
-    def __init__(self, workdir: Path, model_store: Path, models: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, model_store: Path, models: dict[str, str], config: Path | None = None,
+                 torchserve: Path = TORCHSERVE) -> None:
+        """``config``: the config.properties to start from (the repository's by default); only the
+        addresses and the model store are replaced. ``torchserve``: the script to start (its venv
+        is the workers' Python)."""
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.model_store = model_store
         self.models = models
-        self.inference_port, self.management_port, self.metrics_port, grpc_i, grpc_m = free_ports(5)
+        self.torchserve = torchserve
+        self.inference_port, self.management_port, self.metrics_port, self.grpc_port, grpc_m = free_ports(5)
         self.process: subprocess.Popen | None = None
         overrides = {
             "inference_address": f"http://127.0.0.1:{self.inference_port}",
             "management_address": f"http://127.0.0.1:{self.management_port}",
             "metrics_address": f"http://127.0.0.1:{self.metrics_port}",
-            "grpc_inference_port": str(grpc_i),
+            "grpc_inference_port": str(self.grpc_port),
             "grpc_management_port": str(grpc_m),
             "model_store": str(model_store),
         }
         lines = []
-        for line in (REPO / "config.properties").read_text().splitlines():
+        for line in (config or REPO / "config.properties").read_text().splitlines():
             key = line.split("=", 1)[0].strip()
             lines.append(f"{key}={overrides.pop(key)}" if key in overrides else line)
         lines += [f"{key}={value}" for key, value in overrides.items()]
@@ -65,7 +70,7 @@ class TorchServe:
         env = {**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp), "LOG_LOCATION": str(self.logs),
                "METRICS_LOCATION": str(self.logs)}
         models = [f"{name}={archive}" for name, archive in self.models.items()]
-        command = [str(TORCHSERVE), "--start", "--foreground", "--ncs", "--ts-config", str(self.config),
+        command = [str(self.torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(self.config),
                    "--log-config", str(REPO / "log4j2.xml"), "--model-store", str(self.model_store),
                    "--models", *models]
         self.output = open(self.workdir / "torchserve.out", "w")

@@ -45,8 +45,9 @@ def test_narrow_float_outputs_go_as_fp32(mlp_model):
 
 
 @pytest.mark.parametrize("inputs, message", [
-    ([{"name": "x", "shape": [2, 32], "datatype": "FP32"}],
+    ([{"name": "x", "shape": [2, 32], "datatype": "FP32", "data": []}],
      "input 'x': no data reached the model: TorchServe 0.12's gRPC frontend forwards only typed contents"),
+    ([{"name": "x", "shape": [2, 32], "datatype": "FP16"}], "input 'x': no data reached the model"),
     ([{"name": "x", "shape": [2, 32], "datatype": "INT64", "data": [1] * 64}],
      "input 'x': datatype must be FP32 (float32), got 'INT64'"),
     ([{"name": "x", "shape": [2, 16], "datatype": "FP32", "data": [0.0] * 32}], "input 'x': dim 1 must be 32, got 16"),
