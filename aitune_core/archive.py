@@ -35,6 +35,7 @@ from aitune_core.checkpoint import CHECKPOINT_NAME, MANIFEST_NAME, save_checkpoi
 from aitune_core.devices import parse_device
 from aitune_core.errors import AITuneError, ArchiveError
 from aitune_core.graph_spec import GraphSpec, Sample
+from aitune_core.kserve import KServeOptions, add_arguments as add_kserve_arguments, options_from, write_layout
 from aitune_core.modules import load_module_class, load_weights
 from aitune_core.tune import STRATEGIES, TuneOptions, TuneReport, candidate_names, pick_variants, tune
 from aitune_core.variants import Variant
@@ -73,6 +74,7 @@ class ArchiveOptions:
     max_batch_size: int | None = None
     tune: TuneOptions | None = None  # set: measure the candidates and archive the winner(s)
     tune_devices: list[str] = dataclasses.field(default_factory=list)  # default: [device]
+    kserve: KServeOptions | None = None  # set: also write KServe's layout for the archive (CLI only)
 
 
 @dataclasses.dataclass
@@ -423,6 +425,9 @@ def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
     tuning.add_argument("--candidates", help=f"comma-separated subset of: {', '.join(candidate_names())}")
     tuning.add_argument("--tune-devices", help="devices to tune on, one variant each, e.g. cpu,cuda:0 "
                                                "(default: --device)")
+    parser.add_argument("--kserve", type=Path, metavar="DIR",
+                        help="also write KServe's storage layout and an InferenceService YAML into DIR")
+    add_kserve_arguments(parser)
     args = parser.parse_args(argv)
     tune_options = None
     if args.tune:
@@ -454,6 +459,7 @@ def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
         text_max_tokens=args.text_max_tokens, text_output_key=args.text_output_key,
         max_batch_size=args.max_batch_size, tune=tune_options,
         tune_devices=args.tune_devices.split(",") if args.tune_devices else [],
+        kserve=options_from(args, [], args.kserve, args.force) if args.kserve else None,
     )
 
 
@@ -466,6 +472,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aitune-archive: error: {error}", file=sys.stderr)
         return 1
     print(f"Archived {result.archive_path}\n{summary_table(result)}")
+    if options.kserve is not None:
+        try:
+            path = write_layout(dataclasses.replace(options.kserve, archives=[result.archive_path]))
+        except AITuneError as error:
+            print(f"aitune-archive: error: {error}", file=sys.stderr)
+            return 1
+        print(f"KServe layout in {options.kserve.out}: upload it to the storageUri, then kubectl apply -f {path}")
     return 0
 
 
