@@ -37,6 +37,7 @@ from aitune_core.errors import AITuneError, ArchiveError
 from aitune_core.graph_spec import GraphSpec, Sample
 from aitune_core.kserve import KServeOptions, add_arguments as add_kserve_arguments, options_from, write_layout
 from aitune_core.modules import load_module_class, load_weights
+from aitune_core.staging import move_into_place
 from aitune_core.tune import STRATEGIES, TuneOptions, TuneReport, candidate_names, pick_variants, tune
 from aitune_core.variants import Variant
 
@@ -344,13 +345,7 @@ def _package(options: ArchiveOptions, checkpoints: dict[str, Backend], extra_fil
         if done.returncode != 0:
             lines = (done.stderr or done.stdout).strip().splitlines()
             raise ArchiveError(f"torch-model-archiver failed: {lines[-1] if lines else done.returncode}")
-        built = out / archive_path.name
-        # A link in the export path is replaced, never followed: its target stays untouched.
-        if archive_path.is_symlink():
-            archive_path.unlink()
-        elif archive_path.is_dir():
-            shutil.rmtree(archive_path)
-        os.replace(built, archive_path)
+        move_into_place(out / archive_path.name, archive_path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
-import os
 import re
 import shutil
 import sys
@@ -31,8 +29,7 @@ from typing import Any
 import yaml
 
 from aitune_core.errors import ArchiveError
-
-logger = logging.getLogger(__name__)
+from aitune_core.staging import move_into_place
 
 CONFIG = Path("config") / "config.properties"
 MODEL_STORE = "model-store"
@@ -153,11 +150,7 @@ def write_layout(options: KServeOptions) -> Path:
         for archive, (model_name, _, _) in zip(options.archives, models):
             shutil.copyfile(archive, staging / MODEL_STORE / f"{model_name}.mar")
         (staging / INFERENCE_SERVICE).write_text(yaml.safe_dump(inference_service(options, name), sort_keys=False))
-        if out.is_symlink() or out.is_file():
-            out.unlink()
-        elif out.is_dir():
-            shutil.rmtree(out)
-        os.replace(staging, out)
+        move_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out / INFERENCE_SERVICE

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aitune_core import GraphSpec, TorchEagerBackend
+from aitune_core import TorchEagerBackend
 from aitune_core.codecs import TensorCodec, TextCodec, TextOptions
 from aitune_core.serving import LoadedModel
 from aitune_core.wire import ModelInfo

@@ -14,10 +14,11 @@ JSON = "application/json"
 
 
 def rest(body, content_type=JSON, predictions=True, headers=None):
-    """A REST request; ``predictions``: /predictions (which adds url_path), else a KServe route."""
-    parsed = body if not isinstance(body, (bytes, bytearray)) and content_type == JSON else body
-    if isinstance(body, str) and content_type == JSON:
-        parsed = json.loads(body)
+    """A REST request; ``predictions``: /predictions (which adds url_path), else a KServe route.
+
+    The worker parses a body sent as exactly application/json itself; any other arrives as bytes.
+    """
+    parsed = json.loads(body) if isinstance(body, str) and content_type == JSON else body
     all_headers = {"body": {"content-type": content_type or ""}, "Host": "127.0.0.1", "explain": "False",
                    **(headers or {})}
     if content_type:
