@@ -326,7 +326,7 @@ def _package(options: ArchiveOptions, checkpoints: dict[str, Backend], extra_fil
             extra.append(files / name)
             extra[-1].write_bytes(data)
         requirements = files / REQUIREMENTS_NAME
-        requirements.write_text(bundle_requirements(options.text_tokenizer is not None))
+        requirements.write_text(bundle_requirements(options.text_tokenizer is not None, options.model_file))
         write_manifest(files, manifest, [saved[0], *extra, requirements])
         package = stage_package(staging / "package")
         command = [

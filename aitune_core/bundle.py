@@ -2,14 +2,17 @@
 
 KServe's TorchServe runtime image has TorchServe and torch, not aitune_core nor torchao. So every
 .mar holds its own copy of ``aitune_core`` (the handler imports it first: the code that reads a
-checkpoint is the code that wrote it) and a ``requirements.txt`` pinning what such an image lacks,
-which TorchServe installs per model when ``install_py_dep_per_model=true``.
+checkpoint is the code that wrote it) and a ``requirements.txt`` pinning what such an image lacks
+(torchao; tokenizers for a text model; what the model file imports), which TorchServe installs
+per model when ``install_py_dep_per_model=true``.
 """
 
 from __future__ import annotations
 
+import ast
 import shutil
-from importlib.metadata import PackageNotFoundError, version
+import sys
+from importlib.metadata import PackageNotFoundError, packages_distributions, version
 from pathlib import Path
 
 import aitune_core
@@ -18,6 +21,9 @@ REQUIREMENTS_NAME = "requirements.txt"
 # Needed by every archive's worker beyond TorchServe and torch; tokenizers only by text models.
 SERVING_PACKAGES = ("torchao",)
 TEXT_PACKAGES = ("tokenizers",)
+# What a TorchServe image already has: never reinstalled beside it (a second torch or numpy in
+# the model's folder would shadow the image's own).
+IMAGE_PACKAGES = {"torch", "numpy", "pyyaml", "psutil", "packaging", "pillow", "torchserve", "aitune-torchserve"}
 
 
 def stage_package(folder: Path) -> Path:
@@ -31,10 +37,28 @@ def stage_package(folder: Path) -> Path:
     return folder
 
 
-def requirements(text_model: bool) -> str:
+def imported_distributions(model_file: Path) -> list[str]:
+    """The installed distributions whose modules ``model_file`` imports (anywhere in it), stdlib excluded."""
+    modules = set()
+    for node in ast.walk(ast.parse(Path(model_file).read_text())):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            modules.add(node.module.split(".")[0])
+    owners = packages_distributions()
+    found = {dist for module in modules - set(sys.stdlib_module_names) for dist in owners.get(module, ())}
+    return sorted(found, key=str.lower)
+
+
+def requirements(text_model: bool, model_file: Path | None = None) -> str:
     """``requirements.txt`` for the archive: the packages the worker needs, pinned to the versions here."""
+    packages = list(SERVING_PACKAGES + (TEXT_PACKAGES if text_model else ()))
+    if model_file is not None:
+        packages += [dist for dist in imported_distributions(model_file) if dist not in packages]
     lines = []
-    for package in SERVING_PACKAGES + (TEXT_PACKAGES if text_model else ()):
+    for package in packages:
+        if package.lower() in IMAGE_PACKAGES:
+            continue
         try:
             lines.append(f"{package}=={version(package)}")
         except PackageNotFoundError:
