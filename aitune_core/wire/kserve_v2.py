@@ -253,8 +253,6 @@ def output_entries(named: dict[str, torch.Tensor], selected: list[tuple[str, boo
         if datatype is None:  # float8 and the like: sent as float32
             tensor, datatype = tensor.float(), "FP32"
         entry = {"name": name, "datatype": datatype, "shape": list(tensor.shape)}
-        if datatype == "FP32" and tensor.dtype != torch.float32:
-            tensor = tensor.float()
         if binary:
             raw = tensor.contiguous().view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor.contiguous()
             chunks.append(raw.numpy().tobytes())
