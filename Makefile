@@ -49,4 +49,4 @@ bench-quick: venv
 	$(BIN)/python benchmarks/run.py --quick
 
 clean:
-	rm -rf $(VENV) *.egg-info model_store/*.mar logs
+	rm -rf $(VENV) .venv-plain *.egg-info model_store/*.mar logs

@@ -30,13 +30,17 @@ from aitune_core.accuracy import Accuracy, compare_outputs, min_cosine_for
 from aitune_core.backend import Backend, library_versions
 from aitune_core.backends import BACKEND_NAMES, make_backend, quantization_of
 from aitune_core.backends.torchao import CHECKPOINT_WEIGHTS, QUANTIZATIONS
+from aitune_core.bundle import REQUIREMENTS_NAME, stage_package
+from aitune_core.bundle import requirements as bundle_requirements
 from aitune_core.codecs import TextCodec, TextOptions
 from aitune_core.checkpoint import CHECKPOINT_NAME, MANIFEST_NAME, save_checkpoint, write_manifest
 from aitune_core.devices import parse_device
 from aitune_core.errors import AITuneError, ArchiveError
 from aitune_core.graph_spec import GraphSpec, Sample
+from aitune_core.kserve import KServeOptions, add_arguments as add_kserve_arguments, options_from, write_layout
 from aitune_core.modules import load_module_class, load_weights
 from aitune_core.precision import PRECISIONS, missing_support
+from aitune_core.staging import move_into_place
 from aitune_core.tune import STRATEGIES, TuneOptions, TuneReport, candidate_names, pick_variants, tune
 from aitune_core.variants import Variant
 
@@ -80,6 +84,7 @@ class ArchiveOptions:
     max_batch_size: int | None = None
     tune: TuneOptions | None = None  # set: measure the candidates and archive the winner(s)
     tune_devices: list[str] = dataclasses.field(default_factory=list)  # default: [device]
+    kserve: KServeOptions | None = None  # set: also write KServe's layout for the archive (CLI only)
 
 
 @dataclasses.dataclass
@@ -271,10 +276,10 @@ def _check_text_codec(options: ArchiveOptions, backend: Backend) -> dict[str, An
         codec = TextCodec(text_options, options.text_tokenizer)
     except Exception as error:
         raise ArchiveError(f"--text-tokenizer {options.text_tokenizer} is not a tokenizers tokenizer.json: {error}") from None
-    [reply] = codec.answer(backend, [codec.decode("A sentence to check the text path.")])
-    if reply.status != 200:
+    [outcome] = codec.answer(backend, [codec.decode("A sentence to check the text path.")])
+    if outcome.status != 200:
         raise ArchiveError(f"The model cannot take tokenized text as forward(input_ids, attention_mask): "
-                           f"{reply.body['error']}")
+                           f"{outcome.error}")
     return text_options.to_dict()
 
 
@@ -374,12 +379,17 @@ def _package(options: ArchiveOptions, checkpoints: dict[str, Backend], extra_fil
         for name, data in extra_files.items():
             extra.append(files / name)
             extra[-1].write_bytes(data)
-        write_manifest(files, manifest, [saved[0], *extra])
+        requirements = files / REQUIREMENTS_NAME
+        needs = [package for backend in checkpoints.values() for package in backend.REQUIRES]
+        requirements.write_text(bundle_requirements(needs, options.text_tokenizer is not None, options.model_file))
+        write_manifest(files, manifest, [saved[0], *extra, requirements])
+        package = stage_package(staging / "package")
         command = [
             sys.executable, "-m", "model_archiver.model_packaging",
             "--model-name", options.model_name, "--version", options.version,
             "--handler", str(handler_path()), "--serialized-file", str(saved[0]),
-            "--extra-files", ",".join(str(path) for path in [*extra, files / MANIFEST_NAME]),
+            "--extra-files", ",".join(str(path) for path in [*extra, files / MANIFEST_NAME, package]),
+            "--requirements-file", str(requirements),
             "--export-path", str(out), "--archive-format", options.archive_format,
         ]
         if model_config is not None:
@@ -391,13 +401,7 @@ def _package(options: ArchiveOptions, checkpoints: dict[str, Backend], extra_fil
         if done.returncode != 0:
             lines = (done.stderr or done.stdout).strip().splitlines()
             raise ArchiveError(f"torch-model-archiver failed: {lines[-1] if lines else done.returncode}")
-        built = out / archive_path.name
-        # A link in the export path is replaced, never followed: its target stays untouched.
-        if archive_path.is_symlink():
-            archive_path.unlink()
-        elif archive_path.is_dir():
-            shutil.rmtree(archive_path)
-        os.replace(built, archive_path)
+        move_into_place(out / archive_path.name, archive_path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -483,6 +487,9 @@ def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
     tuning.add_argument("--no-keep-float", action="store_true",
                         help="a quantization that misses the gate is out (default: tried again with its costliest "
                              "layers kept in float)")
+    parser.add_argument("--kserve", type=Path, metavar="DIR",
+                        help="also write KServe's storage layout and an InferenceService YAML into DIR")
+    add_kserve_arguments(parser)
     args = parser.parse_args(argv)
     tune_options = None
     if args.tune:
@@ -516,6 +523,7 @@ def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
         text_max_tokens=args.text_max_tokens, text_output_key=args.text_output_key,
         max_batch_size=args.max_batch_size, tune=tune_options,
         tune_devices=args.tune_devices.split(",") if args.tune_devices else [],
+        kserve=options_from(args, [], args.kserve, args.force) if args.kserve else None,
     )
 
 
@@ -528,6 +536,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aitune-archive: error: {error}", file=sys.stderr)
         return 1
     print(f"Archived {result.archive_path}\n{summary_table(result)}")
+    if options.kserve is not None:
+        try:
+            path = write_layout(dataclasses.replace(options.kserve, archives=[result.archive_path]))
+        except AITuneError as error:
+            print(f"aitune-archive: error: {error}", file=sys.stderr)
+            return 1
+        print(f"KServe layout in {options.kserve.out}: upload it to the storageUri, then kubectl apply -f {path}")
     return 0
 
 

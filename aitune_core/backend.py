@@ -12,14 +12,19 @@ import abc
 import dataclasses
 import enum
 import gc
+import contextlib
 import hashlib
 import json
 import logging
 from pathlib import Path
 from typing import Any, ClassVar
 
-import nvtx
 import torch
+
+try:
+    import nvtx
+except ImportError:  # a TorchServe image without nvtx still serves our archives; ranges only matter to a profiler
+    nvtx = None
 
 from aitune_core.compilation import CompiledModule, CompileSettings
 from aitune_core.devices import check_device_exists, parse_device
@@ -92,11 +97,14 @@ def changed_fields(obj: Any) -> list[str]:
 
 
 # Made once: infer runs for every request, and the range's attributes never change.
-_INFER_RANGE = nvtx.annotate(message="infer", domain=NVTX_DOMAIN, color="black")
+_INFER_RANGE = (nvtx.annotate(message="infer", domain=NVTX_DOMAIN, color="black") if nvtx is not None
+                else contextlib.nullcontext())
 
 
 def _annotate(method):
     """An NVTX range named after the public method, in the AITune domain."""
+    if nvtx is None:
+        return method
     return nvtx.annotate(message=method.__name__, domain=NVTX_DOMAIN, color="black")(method)
 
 
@@ -107,6 +115,8 @@ class Backend(abc.ABC):
     ``to_dict``, ``from_dict`` and ``describe``; they never change ``state`` themselves.
     """
 
+    # Packages a worker needs for this backend beyond torch (an archive's requirements.txt lists them).
+    REQUIRES: ClassVar[tuple[str, ...]] = ()
     STATE_TYPE: ClassVar[str] = "type"
     STATE_FORMAT_VERSION: ClassVar[str] = "format_version"
     FORMAT_VERSION: ClassVar[int] = 1

@@ -29,5 +29,13 @@ def archive_main() -> int:
     return main()
 
 
+def kserve_main() -> int:
+    """``aitune-kserve``: see aitune_core.kserve."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    from aitune_core.kserve import main
+
+    return main()
+
+
 if __name__ == "__main__":
     sys.exit(archive_main())

@@ -1,9 +1,11 @@
-"""Request codecs: how a batch of JSON requests becomes ``infer`` calls and answers.
+"""Request codecs: how a batch of decoded requests becomes ``infer`` calls and outcomes.
 
-``TensorCodec`` (the default) reads tensors as the GraphSpec recorded them. ``TextCodec`` is the
-extension point for text models: it tokenizes ``{"text": [...]}`` with a tokenizer.json shipped
-in the archive, pads the whole batch to its longest text, and calls
-``forward(input_ids, attention_mask)`` once. The manifest's ``request`` section says which one
+A codec sits between the wire formats (``aitune_core.wire``: the bytes of each protocol) and the
+backend: it checks inputs against what the archive recorded, batches, calls ``infer`` as few times
+as fit, and names the outputs. ``TensorCodec`` (the default) reads tensors as the GraphSpec
+recorded them. ``TextCodec`` is the extension point for text models: it tokenizes
+``{"text": [...]}`` with a tokenizer.json shipped in the archive, pads the whole batch to its
+longest text, and calls ``forward(input_ids, attention_mask)`` once. The manifest's ``request`` section says which one
 an archive uses, so the handler stays generic.
 """
 
@@ -14,51 +16,72 @@ import logging
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from aitune_core.backend import Backend
 from aitune_core.checkpoint import check_file_name
 from aitune_core.errors import BadRequestError, CheckpointError
 from aitune_core.graph_spec import GraphSpec, Sample, flatten_tensors
-from aitune_core.payload import batch_key, batch_size_of, concat_samples, decode_inputs, encode_output, split_output
+from aitune_core.payload import (array_to_tensor, batch_key, batch_size_of, concat_samples, decode_inputs, decode_value,
+                                 encode_output, split_output)
 
 logger = logging.getLogger(__name__)
 
+TEXT_INPUT = "text"
+TEXT_DTYPE = "bytes"  # a text input's dtype in ``input_types``: the v2 protocol's BYTES
+
 
 @dataclasses.dataclass
-class Reply:
-    """One request's answer: an HTTP status and a JSON-able body."""
+class Outcome:
+    """One request's result before any wire format: the model's output (status 200) or an error."""
 
     status: int
-    body: Any
+    output: Any = None
+    error: str | None = None
 
     @classmethod
-    def error(cls, status: int, message: str) -> "Reply":
-        return cls(status, {"error": message})
+    def failed(cls, status: int, message: str) -> "Outcome":
+        return cls(status, error=message)
 
 
 class Codec(Protocol):
     def decode(self, value: Any) -> Any:
-        """One request's JSON value, checked; BadRequestError naming the problem."""
+        """One request's TorchServe JSON value, checked; BadRequestError naming the problem."""
 
-    def answer(self, backend: Backend, decoded: list[Any]) -> list[Reply]:
-        """Answers for decoded requests, in order, with as few ``infer`` calls as fit."""
+    def decode_named(self, named: dict[str, Any]) -> Any:
+        """One request's inputs by name (numpy arrays of a declared type, JSON values, or texts), checked."""
+
+    def input_types(self) -> dict[str, str]:
+        """Each input's name and dtype (``float32``..., or ``bytes`` for texts), in forward() order."""
+
+    def output_names(self) -> list[str]:
+        """The names ``named_outputs`` gives, known before any request runs."""
+
+    def answer(self, backend: Backend, decoded: list[Any]) -> list[Outcome]:
+        """Outcomes for decoded requests, in order, with as few ``infer`` calls as fit."""
+
+    def to_json(self, output: Any) -> Any:
+        """One request's output in the TorchServe JSON contract."""
+
+    def named_outputs(self, output: Any) -> dict[str, torch.Tensor]:
+        """One request's output as named tensors (the v2 protocol's names)."""
 
 
-def run_alone(backend: Backend, sample: Sample, encode) -> Reply:
+def run_alone(backend: Backend, sample: Sample) -> Outcome:
     """One request on its own: its model errors become its own 4xx/5xx, never the batch's."""
     try:
-        return Reply(200, encode(sample.run(backend.infer)))
+        return Outcome(200, sample.run(backend.infer))
     except torch.cuda.OutOfMemoryError:
         logger.error("Out of GPU memory on a request")
-        return Reply.error(507, "out of GPU memory: send a smaller batch")
+        return Outcome.failed(507, "out of GPU memory: send a smaller batch")
     except Exception as error:
         message = (str(error).strip().splitlines() or [""])[0][:300]
         logger.warning("The model raised on a request: %s: %s", type(error).__name__, message)
-        return Reply.error(400, f"the model could not run this input: {type(error).__name__}: {message}")
+        return Outcome.failed(400, f"the model could not run this input: {type(error).__name__}: {message}")
 
 
-def run_batched(backend: Backend, samples: list[Sample], encode) -> list[Reply]:
+def run_batched(backend: Backend, samples: list[Sample]) -> list[Outcome]:
     """Concatenate along dim 0, one ``infer``, split back; each alone when that cannot be done."""
     sizes = [batch_size_of(sample) for sample in samples]
     if len(samples) > 1 and None not in sizes:
@@ -68,14 +91,16 @@ def run_batched(backend: Backend, samples: list[Sample], encode) -> list[Reply]:
             logger.warning("Batched inference of %d requests failed; answering them one by one", len(samples))
             parts = None
         if parts is not None:
-            return [Reply(200, encode(part)) for part in parts]
-    return [run_alone(backend, sample, encode) for sample in samples]
+            return [Outcome(200, part) for part in parts]
+    return [run_alone(backend, sample) for sample in samples]
 
 
 @dataclasses.dataclass
 class TensorCodec:
-    """Nested lists or {"inputs": [...], "kwargs": {...}} checked against the GraphSpec.
+    """Tensors checked against the GraphSpec: from nested lists ({"inputs": [...], "kwargs": {...}}) or by name.
 
+    Inputs are named by forward()'s parameter names (positional, then keyword); outputs ``output``
+    for a tensor, ``output_0``, ``output_1``... for a tuple or list, the keys for a dict.
     ``max_batch_size`` (from ``--max-batch-size``) caps the rows of one request.
     """
 
@@ -83,7 +108,43 @@ class TensorCodec:
     max_batch_size: int | None = None
 
     def decode(self, value: Any) -> Sample:
-        sample = decode_inputs(value, self.graph_spec)
+        return self._checked(decode_inputs(value, self.graph_spec))
+
+    def decode_named(self, named: dict[str, Any]) -> Sample:
+        nodes = self._input_nodes()
+        unknown = [name for name in named if name not in nodes]
+        if unknown:
+            raise BadRequestError(f"unknown input(s) {', '.join(map(repr, unknown))}: this model takes "
+                                  f"{', '.join(map(repr, nodes))}")
+        positional = list(nodes)[:len(self.graph_spec.args)]
+        missing = [name for name in positional if name not in named]
+        if missing:
+            raise BadRequestError(f"missing input(s) {', '.join(map(repr, missing))}: this model takes "
+                                  f"{', '.join(map(repr, nodes))}")
+
+        def tensor(name: str) -> Any:
+            value, where = named[name], f"input {name!r}"
+            if isinstance(value, np.ndarray) and nodes[name]["kind"] == "tensor":
+                return array_to_tensor(value, nodes[name], where)
+            return decode_value(value, nodes[name], where)
+
+        return self._checked(Sample(args=tuple(tensor(name) for name in positional),
+                                    kwargs={name: tensor(name) for name in named if name not in positional}))
+
+    def _input_nodes(self) -> dict[str, dict[str, Any]]:
+        """forward()'s parameter names with their spec nodes; ``input_N`` where the signature is unknown."""
+        spec = self.graph_spec
+        names = [name for name in spec.signature if name not in spec.kwargs][:len(spec.args)]
+        names += [f"input_{index}" for index in range(len(names), len(spec.args))]
+        return {**dict(zip(names, spec.args)), **spec.kwargs}
+
+    def input_types(self) -> dict[str, str]:
+        return {name: node.get("dtype", node["kind"]) for name, node in self._input_nodes().items()}
+
+    def output_names(self) -> list[str]:
+        return output_names(self.graph_spec.outputs)
+
+    def _checked(self, sample: Sample) -> Sample:
         if self.max_batch_size is not None:
             rows = max((t.shape[0] for t in flatten_tensors((sample.args, sample.kwargs)) if t.dim()), default=0)
             if rows > self.max_batch_size:
@@ -91,17 +152,49 @@ class TensorCodec:
                                       "per request (the archive's --max-batch-size): split it")
         return sample
 
-    def answer(self, backend: Backend, decoded: list[Sample]) -> list[Reply]:
+    def answer(self, backend: Backend, decoded: list[Sample]) -> list[Outcome]:
         if len(decoded) == 1:
-            return [run_alone(backend, decoded[0], encode_output)]
+            return [run_alone(backend, decoded[0])]
         groups: dict[Any, list[int]] = {}
         for index, sample in enumerate(decoded):
             groups.setdefault(batch_key(sample), []).append(index)
-        replies: list[Reply | None] = [None] * len(decoded)
+        outcomes: list[Outcome | None] = [None] * len(decoded)
         for indices in groups.values():
-            for index, reply in zip(indices, run_batched(backend, [decoded[i] for i in indices], encode_output)):
-                replies[index] = reply
-        return replies
+            for index, outcome in zip(indices, run_batched(backend, [decoded[i] for i in indices])):
+                outcomes[index] = outcome
+        return outcomes
+
+    def to_json(self, output: Any) -> Any:
+        return encode_output(output)
+
+    def named_outputs(self, output: Any) -> dict[str, torch.Tensor]:
+        return name_outputs(output)
+
+
+def output_names(node: dict[str, Any]) -> list[str]:
+    """The names ``name_outputs`` gives an output described by ``node``."""
+    if node["kind"] in ("tuple", "list"):
+        return [f"output_{index}" for index in range(len(node["items"]))]
+    if node["kind"] == "dict":
+        return list(node["items"])
+    return ["output"]
+
+
+def name_outputs(output: Any) -> dict[str, torch.Tensor]:
+    """A model output as named tensors: ``output``, ``output_0``..., or a dict's keys; numbers become 0-d tensors."""
+    if isinstance(output, (tuple, list)):
+        items = {f"output_{index}": item for index, item in enumerate(output)}
+    elif isinstance(output, dict):
+        items = {str(key): item for key, item in output.items()}
+    else:
+        items = {"output": output}
+    named = {}
+    for name, item in items.items():
+        if not isinstance(item, (torch.Tensor, int, float, bool)):
+            raise BadRequestError(f"output {name!r} is a {type(item).__name__}, which no tensor protocol can "
+                                  "carry: use the /predictions JSON API for this model")
+        named[name] = item if isinstance(item, torch.Tensor) else torch.tensor(item)
+    return named
 
 
 @dataclasses.dataclass
@@ -159,10 +252,26 @@ class TextCodec:
         return Sample(args=(torch.tensor([e.ids for e in encodings]),
                             torch.tensor([e.attention_mask for e in encodings])))
 
-    def encode(self, output: Any) -> dict[str, Any]:
+    def decode_named(self, named: dict[str, Any]) -> list[str]:
+        unknown = sorted(set(named) - {TEXT_INPUT})
+        if unknown or TEXT_INPUT not in named:
+            raise BadRequestError(f"this text model takes one BYTES input named {TEXT_INPUT!r}, got "
+                                  f"{', '.join(map(repr, named)) or 'none'}")
+        return self.decode({TEXT_INPUT: named[TEXT_INPUT]})
+
+    def input_types(self) -> dict[str, str]:
+        return {TEXT_INPUT: TEXT_DTYPE}
+
+    def output_names(self) -> list[str]:
+        return [self.options.output_key]
+
+    def to_json(self, output: Any) -> dict[str, Any]:
         return {self.options.output_key: encode_output(output)}
 
-    def answer(self, backend: Backend, decoded: list[list[str]]) -> list[Reply]:
+    def named_outputs(self, output: Any) -> dict[str, torch.Tensor]:
+        return {self.options.output_key: output}
+
+    def answer(self, backend: Backend, decoded: list[list[str]]) -> list[Outcome]:
         # One tokenization for the whole batch: padded to its longest text, split back by count.
         everything = self.tokenize([text for texts in decoded for text in texts])
         bounds = [0]
@@ -170,7 +279,7 @@ class TextCodec:
             bounds.append(bounds[-1] + len(texts))
         samples = [Sample(args=tuple(t[start:end] for t in everything.args))
                    for start, end in zip(bounds, bounds[1:])]
-        return run_batched(backend, samples, self.encode)
+        return run_batched(backend, samples)
 
 
 def make_codec(request_section: dict[str, Any] | None, model_dir: Path, graph_spec: GraphSpec) -> Codec:

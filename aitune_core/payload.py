@@ -1,14 +1,13 @@
-"""Request bodies to model inputs and model outputs to JSON, checked against a GraphSpec.
+"""Request values to model inputs and model outputs to JSON, checked against a GraphSpec.
 
-No TorchServe import: the handler hands each request's body and Content-Type here, so the
-whole REST contract is tested without a server. Every problem is a BadRequestError whose
-message names the input, what was expected and what came.
+No TorchServe import: the wire formats (``aitune_core.wire``) hand decoded values here, so the
+whole contract is tested without a server. Every problem is a BadRequestError whose message
+names the input, what was expected and what came.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from typing import Any
 
@@ -18,48 +17,12 @@ import torch
 from aitune_core.errors import BadRequestError
 from aitune_core.graph_spec import BATCH_DIM, GraphSpec, Sample, flatten_tensors
 
-JSON_CONTENT_TYPE = "application/json"
 _FLOAT_KINDS = "f"
 _NUMPY_FLOATS = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
 _INT_KINDS = "iu"
 _NARROW_FLOATS = (torch.bfloat16, torch.float16)
 # Float inputs up to this many numbers skip numpy (see _small_float_tensor; crossover measured ~250).
 _SMALL_INPUT_NUMBERS = 256
-
-
-def parse_json_body(request: dict[str, Any], content_type: str | None) -> Any:
-    """The JSON value of one TorchServe request (``{"body": ...}``) sent as application/json.
-
-    TorchServe hands over a parsed value for valid JSON, bytes for invalid JSON or an empty body,
-    and no ``body`` at all for a form-encoded request (what curl sends without a Content-Type).
-    """
-    if "body" not in request and "data" not in request:
-        raise BadRequestError(
-            "the request body was not sent as JSON (form-encoded or no Content-Type): "
-            f"send it with 'Content-Type: {JSON_CONTENT_TYPE}'"
-        )
-    mime = (content_type or "").split(";")[0].strip().lower()
-    if mime != JSON_CONTENT_TYPE:
-        found = repr(content_type) if content_type else "no Content-Type"
-        raise BadRequestError(f"Content-Type must be {JSON_CONTENT_TYPE}, got {found}")
-    body = request.get("body", request.get("data"))
-    # TorchServe parses a body sent as exactly application/json (a JSON string arrives as str);
-    # it hands over bytes when that failed or the type had parameters (e.g. charset).
-    if not isinstance(body, (bytes, bytearray)):
-        return body
-    if not body:
-        raise BadRequestError("the request body is empty: expected a JSON value")
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise BadRequestError(f"the request body is not UTF-8 text: {error.reason} at byte {error.start}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise BadRequestError(f"the request body is not valid JSON: {error.msg} at line {error.lineno} "
-                              f"column {error.colno}") from None
-    except RecursionError:
-        raise BadRequestError("the request body is nested too deeply to decode") from None
 
 
 def decode_inputs(value: Any, spec: GraphSpec) -> Sample:
@@ -168,6 +131,26 @@ def decode_tensor(value: Any, node: dict[str, Any], where: str) -> torch.Tensor:
     if array.dtype.kind not in _INT_KINDS or array.size and (array.min() < info.min or array.max() > info.max):
         raise BadRequestError(f"{where}: a value is outside the range of {node['dtype']} [{info.min}, {info.max}]")
     return torch.from_numpy(array.astype(np.int64)).to(dtype)
+
+
+def array_to_tensor(array: np.ndarray, node: dict[str, Any], where: str) -> torch.Tensor:
+    """A typed array (a binary or typed protocol sent its dtype and shape) checked like a JSON tensor.
+
+    The array's dtype must be the recorded one (the wire format already mapped the protocol's
+    datatype); rank and fixed dims as recorded; floats finite. Shares the array's memory when it can.
+    """
+    expected = node["dtype"]
+    if str(array.dtype) != expected and not (expected == "bfloat16" and array.dtype == np.float32):
+        raise BadRequestError(f"{where}: expected {expected}, got {array.dtype}")
+    rank = len(node["shapes"][0])
+    if array.ndim != rank:
+        raise BadRequestError(f"{where}: expected rank {rank} (shape like {node['shapes'][0]}), "
+                              f"got rank {array.ndim} (shape {list(array.shape)})")
+    _check_dims(array.shape, node, where)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise BadRequestError(f"{where}: contains NaN or Inf, or a value beyond the range of {expected}")
+    tensor = torch.from_numpy(array)
+    return tensor.to(torch.bfloat16) if expected == "bfloat16" else tensor
 
 
 def _first_row_numel(value: Any, rank: int) -> int:

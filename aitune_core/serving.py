@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -15,12 +14,12 @@ import torch
 from aitune_core.backend import Backend
 from aitune_core.backends import backend_class, backend_from_dict
 from aitune_core.checkpoint import check_file_name, load_checkpoint, read_manifest
-from aitune_core.codecs import Codec, Reply, make_codec
+from aitune_core.codecs import Codec, Outcome, make_codec
 from aitune_core.errors import BadRequestError
 from aitune_core.graph_spec import flatten_tensors
 from aitune_core.modules import load_module_class
-from aitune_core.payload import parse_json_body
 from aitune_core.variants import Variant, choose_variant
+from aitune_core.wire import Call, ModelInfo, Request, Response, error_for, read_request
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +35,7 @@ class LoadedModel:
     backend: Backend
     manifest: dict[str, Any]
     codec: Codec
+    info: ModelInfo
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -46,11 +46,12 @@ def serving_device(gpu_id: int | None) -> torch.device:
     return torch.device("cpu")
 
 
-def load_model(model_dir: Path | str, device: torch.device) -> LoadedModel:
+def load_model(model_dir: Path | str, device: torch.device, version: str = "1.0") -> LoadedModel:
     """Verify, load and deploy an unpacked archive, then warm it up.
 
     The sha256 of every file is checked before the model file is imported or a checkpoint read.
     A tuned archive holds variants: the most specific one ``device`` can run is deployed.
+    ``version`` is the archive's (TorchServe's manifest has it): v2 answers name it.
     """
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
@@ -75,7 +76,8 @@ def load_model(model_dir: Path | str, device: torch.device) -> LoadedModel:
     backend.deploy(device)
     notes += warm_up(backend)
     codec = make_codec(manifest.get("request"), model_dir, backend.graph_spec)
-    return LoadedModel(backend=backend, manifest=manifest, codec=codec, notes=notes)
+    return LoadedModel(backend=backend, manifest=manifest, codec=codec,
+                       info=ModelInfo(manifest["model_name"], version), notes=notes)
 
 
 def warm_up(backend: Backend) -> list[str]:
@@ -102,29 +104,41 @@ def warm_up(backend: Backend) -> list[str]:
                     f"graphs from the inductor cache, {inductor['fxgraph_cache_miss'] - misses} compiled anew)"]
 
 
-def answer_batch(model: LoadedModel, requests: list[tuple[dict[str, Any], str | None]]) -> list[Reply]:
-    """Answer TorchServe requests (each a request dict and its Content-Type), in order.
+def answer_batch(model: LoadedModel, requests: list[tuple[dict[str, Any], dict[str, Any] | None]]) -> list[Response]:
+    """Answer TorchServe requests (each its parameters and its header dict), in order, each in its own protocol.
 
-    A bad request gets its own 400; the good ones go through the codec together.
+    Every request passes wire format -> codec -> backend: a bad one gets its own 4xx in its
+    protocol; the good ones, whatever their protocols, go through the codec together.
     """
-    replies: list[Reply | None] = [None] * len(requests)
-    good: list[int] = []
-    decoded: list[Any] = []
-    for index, (request, content_type) in enumerate(requests):
+    responses: list[Response | None] = [None] * len(requests)
+    calls: dict[int, Call] = {}
+    for index, (parameters, headers) in enumerate(requests):
+        request = Request.from_torchserve(parameters, headers)
         try:
-            decoded.append(model.codec.decode(parse_json_body(request, content_type)))
-            good.append(index)
+            calls[index] = read_request(request, model.codec)
         except BadRequestError as error:
-            replies[index] = Reply.error(400, str(error))
-    if decoded:
-        for index, reply in zip(good, model.codec.answer(model.backend, decoded)):
-            replies[index] = reply
-    return replies
+            responses[index] = error_for(request, 400, str(error), model.info)
+    if calls:
+        outcomes = model.codec.answer(model.backend, [call.inputs for call in calls.values()])
+        for (index, call), outcome in zip(calls.items(), outcomes):
+            try:
+                responses[index] = call.encode(outcome, call, model.codec, model.info)
+            except BadRequestError as error:
+                responses[index] = call.encode(Outcome.failed(400, str(error)), call, model.codec, model.info)
+    return responses
 
 
-_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+def batch_failure(requests: list[tuple[dict[str, Any], dict[str, Any] | None]],
+                  responses: list[Response]) -> tuple[int, str] | None:
+    """The (status, message) to fail the whole worker batch with, so that a gRPC client gets an error status.
 
-
-def reply_json(reply: Reply) -> str:
-    """Compact JSON text (TorchServe would indent a dict or list, which costs time and bytes)."""
-    return _COMPACT_JSON.encode(reply.body)
+    TorchServe's frontend ignores a per-request status on gRPC (``Predictions`` answers OK with the
+    body, OIP ``ModelInfer`` only reads outputs); only a failed batch becomes a gRPC error. That
+    is done when the batch is this one failed gRPC request, never when it would fail others too.
+    """
+    if len(requests) != 1 or responses[0].status == 200:
+        return None
+    parameters, headers = requests[0]
+    if not Request.from_torchserve(parameters, headers).is_grpc:
+        return None
+    return responses[0].status, responses[0].error

@@ -225,7 +225,7 @@ def minilm(report: Report, settings: Settings, work: Path) -> dict[str, Any]:
              "tuned": archive_call("minilm_tuned"), **{name: onnx_call(name) for name in sessions}}
     with torch.inference_mode():
         fp32 = torch.cat([reference(*minilm_tokenize([text])) for text in SENTENCES])
-    tuned_rows = torch.tensor([calls["tuned"]([text])[0].body["embeddings"][0] for text in SENTENCES])
+    tuned_rows = torch.cat([calls["tuned"]([text])[0].output for text in SENTENCES])
     cosines = (tuned_rows.double() * fp32.double()).sum(dim=1)
     details["accuracy"] = {"mean": round(float(cosines.mean()), 6), "worst": round(float(cosines.min()), 6)}
     for name in sessions:

@@ -9,6 +9,7 @@ harness works in well under two minutes (CI runs it and asserts nothing about sp
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
@@ -39,6 +40,8 @@ from worker_time import worker_time  # noqa: E402
 
 SMALL = REPO / "examples" / "mlp" / "mlp.py"
 BIG = BENCH / "models" / "mlp_big.py"
+SCALE = BENCH / "models" / "scale.py"
+EXPAND = BENCH / "models" / "expand.py"
 
 
 @dataclass
@@ -50,12 +53,13 @@ class Settings:
     decode_requests: int
     cold_repeats: int
     worker_calls: int
+    wire_requests: int
 
 
 FULL = Settings(repeats=6, repeats_c1=12, requests_c1=400, requests_c8=1200, decode_requests=30, cold_repeats=3,
-                worker_calls=5000)
+                worker_calls=5000, wire_requests=40)
 QUICK = Settings(repeats=2, repeats_c1=2, requests_c1=40, requests_c8=80, decode_requests=4, cold_repeats=1,
-                 worker_calls=200)
+                 worker_calls=200, wire_requests=4)
 
 
 # -- building the archives --------------------------------------------------------------------
@@ -64,9 +68,12 @@ def write_inputs(work: Path) -> dict[str, tuple[Path, Path]]:
     sys.path.insert(0, str(SMALL.parent))
     from mlp import MLP
     from mlp_big import BigMLP
+    from expand import Expand
+    from scale import Scale
 
     inputs = {}
-    for name, model, sample in (("small", MLP(), torch.randn(4, 64)), ("big", BigMLP(), torch.randn(4, 1024))):
+    for name, model, sample in (("small", MLP(), torch.randn(4, 64)), ("big", BigMLP(), torch.randn(4, 1024)),
+                                ("scale", Scale(), torch.randn(4, 1024)), ("expand", Expand(), torch.randn(1, 1024))):
         torch.manual_seed(0)
         folder = work / name
         folder.mkdir(parents=True)
@@ -101,6 +108,8 @@ def build_store(work: Path) -> tuple[Path, dict[str, int]]:
         "big_eager": (BIG, "big", {"backend": "eager"}),
         "big_int8wo": (BIG, "big", {"quantization": "int8wo"}),
         "big_int8wo_requantize": (BIG, "big", {"quantization": "int8wo", "checkpoint_weights": "original"}),
+        "scale_eager": (SCALE, "scale", {"backend": "eager"}),
+        "expand_eager": (EXPAND, "expand", {"backend": "eager"}),
     }
     for name, (model_file, which, changes) in ours.items():
         weights, sample = inputs[which]
@@ -154,6 +163,73 @@ def compare(work: Path, store: Path, models: list[str], body: bytes, concurrency
     return [median_of(runs[model]) for model in models]
 
 
+# -- wire formats ---------------------------------------------------------------------------------
+def v2_requests(x: torch.Tensor) -> dict[str, tuple[bytes, dict[str, str]]]:
+    """The same request as v2 JSON and through the binary tensor extension (both ways), with its headers."""
+    entry = {"name": "x", "shape": list(x.shape), "datatype": "FP32"}
+    as_json = json.dumps({"inputs": [{**entry, "data": x.flatten().tolist()}]}).encode()
+    raw = x.numpy().astype("<f4").tobytes()
+    header = json.dumps({"inputs": [{**entry, "parameters": {"binary_data_size": len(raw)}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    return {"json": (as_json, {}),
+            "binary": (header + raw, {"Content-Type": "application/octet-stream",
+                                      "Inference-Header-Content-Length": str(len(header))})}
+
+
+def v2_answer(server: TorchServe, model: str, body: bytes, headers: dict[str, str]) -> torch.Tensor:
+    """One v2 answer's output, JSON or binary (to check both ways agree before timing)."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.inference_port, timeout=120)
+    try:
+        connection.request("POST", f"/v2/models/{model}/infer", body, {**server.auth_header("inference"), **headers})
+        response = connection.getresponse()
+        raw = response.read()
+    finally:
+        connection.close()
+    if response.status != 200:
+        raise RuntimeError(f"v2 request to {model} failed: HTTP {response.status}: {raw[:300]!r}")
+    length = response.getheader("Inference-Header-Content-Length")
+    if length is None:
+        return torch.tensor(json.loads(raw)["outputs"][0]["data"])
+    return torch.frombuffer(bytearray(raw[int(length):]), dtype=torch.float32)
+
+
+def compare_wire(work: Path, store: Path, variants: dict[str, tuple[str, bytes, dict[str, str]]], total: int,
+                 repeats: int, warm_up: int) -> dict[str, dict]:
+    """p50 of each variant (model, v2 body, headers) on one server, runs interleaved so drift hits all alike."""
+    models = sorted({model for model, _, _ in variants.values()})
+    server = TorchServe(work / f"wire-{'-'.join(models)}", store, {model: f"{model}.mar" for model in models}).start()
+    runs: dict[str, list] = {name: [] for name in variants}
+    names = list(variants)
+    try:
+        for model in models:
+            server.wait_ready(model, timeout=300)
+        for repeat in range(repeats):
+            for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+                model, body, headers = variants[name]
+                path = f"/v2/models/{model}/infer"
+                # The frontend's copying of large bodies runs several times slower until the JVM has compiled it.
+                run_load(server, model, [body], 1, warm_up, path=path, headers=headers)
+                result = run_load(server, model, [body], 1, total, path=path, headers=headers)
+                if result.failures:
+                    raise RuntimeError(f"v2 {name} to {model}: {result.failures[0]}")
+                runs[name].append(result.figures())
+    finally:
+        server.stop()
+    return {name: median_of(figures) for name, figures in runs.items()}
+
+
+def check_binary_matches_json(work: Path, store: Path, model: str, x: torch.Tensor) -> None:
+    """Before timing: the binary answer must hold exactly the numbers of the JSON one."""
+    server = TorchServe(work / f"wire-check-{model}", store, {model: f"{model}.mar"}).start()
+    try:
+        server.wait_ready(model, timeout=300)
+        answers = [v2_answer(server, model, body, headers) for body, headers in v2_requests(x).values()]
+    finally:
+        server.stop()
+    if not torch.equal(answers[0], answers[1]):
+        raise RuntimeError(f"{model}: v2 JSON and binary answers differ")
+
+
 # -- cold start -----------------------------------------------------------------------------------
 def cold_start(work: Path, store: Path, model: str, repeats: int) -> dict[str, float]:
     """torchserve --start to READY, initialize() from our log line, and the worker's RSS after warm-up."""
@@ -174,26 +250,11 @@ def cold_start(work: Path, store: Path, model: str, repeats: int) -> dict[str, f
             "rss_mb": statistics.median(rss)}
 
 
-# -- report ---------------------------------------------------------------------------------------
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="a short run that proves the harness works")
-    parser.add_argument("--out", type=Path, default=BENCH / "results", help="where latest.md and latest.json go")
-    args = parser.parse_args()
-    settings = QUICK if args.quick else FULL
-    started = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="aitune-bench-"))
-    store, sizes = build_store(work)
-    rows = []
-
-    def row(figure, ours, base, ratio, target=None, met=None):
-        rows.append({"figure": figure, "ours": ours, "baseline": base, "ratio": round(ratio, 3),
-                     "target": target, "met": met})
-
+def handler_rows(work: Path, store: Path, sizes: dict[str, int], settings: Settings, rotate: bool, row) -> None:
+    """Our handler against stock TorchServe, batching, decoding, cold start, size and memory."""
     small_input = torch.randn(1, 64).tolist()
     small_body = json.dumps(small_input).encode()
     decode_body = json.dumps(torch.randn(64, 1024).tolist()).encode()
-    rotate = not args.quick
     small = ["small_ours", "small_stock", "small_stock_copy"]
     for concurrency, total, repeats in ((1, settings.requests_c1, settings.repeats_c1),
                                         (8, settings.requests_c8, settings.repeats)):
@@ -244,6 +305,52 @@ def main() -> None:
     ratio = cold["big_int8wo"]["rss_mb"] / cold["big_eager"]["rss_mb"]
     row("worker RSS after warm-up, int8wo / eager", f"{cold['big_int8wo']['rss_mb']:.0f} MB",
         f"{cold['big_eager']['rss_mb']:.0f} MB", ratio)
+
+
+
+def wire_rows(work: Path, store: Path, settings: Settings, row) -> None:
+    """The v2 binary tensor extension against v2 JSON, the same 64x1024 float32 request both ways, same run.
+
+    Also what TorchServe alone costs to carry a 64x1024 float32 answer from the worker to the
+    client: a 1x1024 binary request answered with 64x1024 binary floats (the handler's part < 1 ms).
+    """
+    x = torch.randn(64, 1024, generator=torch.Generator().manual_seed(0))
+    for model, what in (("scale_eager", "x*w model, negligible compute"), ("big_eager", "1024-4096-1024 MLP")):
+        check_binary_matches_json(work, store, model, x)
+        variants = {name: (model, body, headers) for name, (body, headers) in v2_requests(x).items()}
+        if model == "scale_eager":
+            variants["floor"] = ("expand_eager", *v2_requests(x[:1])["binary"])
+        wire = compare_wire(work, store, variants, settings.wire_requests, settings.repeats, settings.wire_requests)
+        ratio = wire["binary"]["p50_ms"] / wire["json"]["p50_ms"]
+        target, met = ("<= 0.05", ratio <= 0.05) if model == "scale_eager" else (None, None)
+        row(f"v2 binary tensors / v2 JSON, 64x1024 float32 in and out, p50 ms ({what})",
+            f"{wire['binary']['p50_ms']:.1f}", f"{wire['json']['p50_ms']:.1f}", ratio, target, met)
+        if "floor" in wire:
+            row("TorchServe's own floor: v2 binary, 1x1024 in, 64x1024 float32 out, p50 ms / v2 JSON above "
+                "(same server, interleaved)", f"{wire['floor']['p50_ms']:.1f}", f"{wire['json']['p50_ms']:.1f}",
+                wire["floor"]["p50_ms"] / wire["json"]["p50_ms"])
+
+
+# -- report ---------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a short run that proves the harness works")
+    parser.add_argument("--out", type=Path, default=BENCH / "results", help="where latest.md and latest.json go")
+    parser.add_argument("--only", choices=["wire"], help="just the rows of one part (wire: the v2 binary extension)")
+    args = parser.parse_args()
+    settings = QUICK if args.quick else FULL
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="aitune-bench-"))
+    store, sizes = build_store(work)
+    rows = []
+
+    def row(figure, ours, base, ratio, target=None, met=None):
+        rows.append({"figure": figure, "ours": ours, "baseline": base, "ratio": round(ratio, 3),
+                     "target": target, "met": met})
+
+    if args.only is None:
+        handler_rows(work, store, sizes, settings, rotate=not args.quick, row=row)
+    wire_rows(work, store, settings, row)
 
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
                f"torch {torch.__version__}, no GPU" if not torch.cuda.is_available() else torch.cuda.get_device_name())

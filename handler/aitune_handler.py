@@ -1,27 +1,47 @@
 """TorchServe handler for models archived with aitune-archive.
 
-Thin on purpose: every decision lives in the installed ``aitune_core`` (tested without a
-server). torch-model-archiver copies this file into the .mar; it must define one class.
+Thin on purpose: every decision lives in ``aitune_core`` (tested without a server), whose copy
+travels in the archive next to this file. torch-model-archiver copies this file into the .mar;
+it must define one class.
 """
 
 import logging
+import os
+import sys
 import time
 
-from aitune_core.cli import silence_import_notices
+# The archive's own aitune_core goes first, even where this project is also installed: the code
+# that reads a checkpoint is the code that wrote it.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import aitune_core  # noqa: E402
+from aitune_core.cli import silence_import_notices  # noqa: E402
 
 silence_import_notices()
 
 from ts.metrics.metric_type_enum import MetricTypes  # noqa: E402
 from ts.torch_handler.base_handler import BaseHandler  # noqa: E402
+from ts.utils.util import PredictionException  # noqa: E402
 
 from aitune_core.errors import AITuneError  # noqa: E402
-from aitune_core.serving import answer_batch, load_model, reply_json, serving_device  # noqa: E402
+from aitune_core.serving import answer_batch, batch_failure, load_model, serving_device  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 
+def _one_line_for_bad_requests(record):
+    """TorchServe logs a traceback for every PredictionException; ours is a bad request: one line."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, PredictionException):
+        record.msg, record.args, record.exc_info = "Bad gRPC request (%s): %s", (error.error_code, error.message), None
+    return True
+
+
+logging.getLogger("ts.service").addFilter(_one_line_for_bad_requests)
+
+
 class AITuneHandler(BaseHandler):
-    """Deploys the archived backend on the worker's device and answers JSON requests."""
+    """Deploys the archived backend on the worker's device and answers every protocol TorchServe routes to it."""
 
     def initialize(self, context):
         """Verify and load the archive, deploy on ``cuda:<gpu_id>`` or the CPU, warm up once."""
@@ -29,7 +49,7 @@ class AITuneHandler(BaseHandler):
         properties = context.system_properties
         device = serving_device(properties.get("gpu_id"))
         try:
-            self.model = load_model(properties["model_dir"], device)
+            self.model = load_model(properties["model_dir"], device, context.manifest["model"].get("modelVersion", "1.0"))
         except Exception as error:  # one clear line for any failure, not a traceback
             reason = str(error) if isinstance(error, AITuneError) else f"{type(error).__name__}: {error}"
             logger.error("AITune: cannot load model %s: %s", context.model_name, reason)
@@ -38,18 +58,21 @@ class AITuneHandler(BaseHandler):
         self.batching = (properties.get("batch_size") or 1) > 1
         self.initialized = True
         notes = "".join(f"; {note}" for note in self.model.notes)
-        logger.info("AITune: model %s ready: %s on %s in %.0f ms%s", context.model_name,
-                    self.model.backend.describe(), device, (time.perf_counter() - started) * 1000, notes)
+        logger.info("AITune: model %s ready: %s on %s in %.0f ms%s; aitune_core from %s", context.model_name,
+                    self.model.backend.describe(), device, (time.perf_counter() - started) * 1000, notes,
+                    os.path.dirname(aitune_core.__file__))
 
     def handle(self, data, context):
-        """Decode and check each request, run one ``infer`` per compatible group, encode."""
+        """Each request in its protocol: decode and check, one ``infer`` per compatible group, encode."""
         start = time.perf_counter()
-        requests = [(request, _content_type(context, index)) for index, request in enumerate(data)]
-        replies = answer_batch(self.model, requests)
-        for index, reply in enumerate(replies):
-            context.set_response_content_type(index, "application/json")
-            if reply.status != 200:
-                context.set_response_status(reply.status, reply.body["error"], idx=index)
+        requests = [(request, context.get_all_request_header(index)) for index, request in enumerate(data)]
+        responses = answer_batch(self.model, requests)
+        for index, response in enumerate(responses):
+            context.set_response_content_type(index, response.content_type)
+            for name, value in response.headers.items():
+                context.set_response_header(index, name, value)
+            if response.status != 200:
+                context.set_response_status(response.status, response.error, idx=index)
         # Each metric is a log line the frontend parses (~0.25 ms a request on 2 cores): emit
         # what BaseHandler emits (HandlerTime), and the batch size only where batching is on.
         metrics = context.metrics
@@ -57,10 +80,7 @@ class AITuneHandler(BaseHandler):
             metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000, 2), None, "ms")
             if self.batching:
                 metrics.add_metric("AITuneBatchSize", len(data), "count", metric_type=MetricTypes.HISTOGRAM)
-        return [reply_json(reply) for reply in replies]
-
-
-def _content_type(context, index):
-    """The body's Content-Type as TorchServe recorded it, or None for a form-encoded request."""
-    body_headers = context.get_request_header(index, "body")
-    return body_headers.get("content-type") if isinstance(body_headers, dict) else None
+        failure = batch_failure(requests, responses)
+        if failure is not None:  # TorchServe turns only a failed batch into a gRPC error status
+            raise PredictionException(failure[1], failure[0])
+        return [response.body for response in responses]

@@ -196,6 +196,8 @@ def _linear_outside(skipped: set[str]):
 class TorchAOBackend(Backend):
     """Backend that quantizes a module with torchao (int8wo, int8dq, fp8wo, fp8dq or any config)."""
 
+    REQUIRES = ("torchao",)
+
     def __init__(self, config: TorchAOBackendConfig | None = None) -> None:
         super().__init__(config or TorchAOBackendConfig(quantization=DEFAULT_QUANTIZATION))
         self._module: torch.nn.Module | None = None

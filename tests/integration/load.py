@@ -107,17 +107,20 @@ class KeepAliveConnection:
         return status, body
 
 
-def post_request(server: TorchServe, model: str, body: bytes) -> bytes:
-    """The bytes of one prediction request with the inference key."""
-    head = (f"POST /predictions/{model} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Authorization: Bearer {server.key('inference')}\r\nContent-Length: {len(body)}\r\n\r\n")
-    return head.encode() + body
+def post_request(server: TorchServe, model: str, body: bytes, path: str | None = None,
+                 headers: dict[str, str] | None = None) -> bytes:
+    """The bytes of one request with the inference key: to /predictions/MODEL as JSON, or ``path`` with ``headers``."""
+    fields = {"Host": "127.0.0.1", "Content-Type": "application/json", **server.auth_header("inference"),
+              **(headers or {}), "Content-Length": str(len(body))}
+    head = f"POST {path or f'/predictions/{model}'} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items())
+    return head.encode() + b"\r\n" + body
 
 
 def run_load(server: TorchServe, model: str, bodies: list[bytes], concurrency: int, total: int,
-             check: Check = status_is_200, rss_at: tuple[int, ...] = ()) -> LoadResult:
+             check: Check = status_is_200, rss_at: tuple[int, ...] = (), path: str | None = None,
+             headers: dict[str, str] | None = None) -> LoadResult:
     """``total`` requests (request n sends ``bodies[n % len(bodies)]``) from ``concurrency`` clients."""
-    requests = [post_request(server, model, body) for body in bodies]
+    requests = [post_request(server, model, body, path, headers) for body in bodies]
     latencies: list[float] = []
     failures: list[str] = []
     rss: dict[int, float] = {}

@@ -8,7 +8,10 @@ from integration.torchserve import REPO
 
 FIGURES = ["handler overhead, c=1, p50_ms", "noise floor, c=1", "handler overhead, c=8, throughput req/s",
            "dynamic batching", "request decoding", "handler overhead, worker side",
-           "cold start, initialize() ms, int8wo stored / eager", "archive size", "worker RSS after warm-up"]
+           "cold start, initialize() ms, int8wo stored / eager", "archive size", "worker RSS after warm-up",
+           "v2 binary tensors / v2 JSON, 64x1024 float32 in and out, p50 ms (x*w model",
+           "v2 binary tensors / v2 JSON, 64x1024 float32 in and out, p50 ms (1024-4096-1024 MLP",
+           "TorchServe's own floor"]
 
 
 def test_quick_benchmark_writes_every_figure(tmp_path):

@@ -35,23 +35,32 @@ def free_ports(count: int) -> list[int]:
 class TorchServe:
     """Start with ``start()``, stop with ``stop()``; talk to it with ``predict`` and ``describe``."""
 
-    def __init__(self, workdir: Path, model_store: Path, models: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, model_store: Path, models: dict[str, str], config: Path | None = None,
+                 torchserve: Path = TORCHSERVE, as_kserve: bool = False, env: dict[str, str] | None = None) -> None:
+        """``config``: the config.properties to start from (the repository's by default); only the
+        addresses and the model store are replaced. ``torchserve``: the script to start (its venv
+        is the workers' Python). ``as_kserve``: start as KServe's runtime does, the models coming
+        from the config's model_snapshot (``models`` then only names them). ``env``: added to the
+        environment."""
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.model_store = model_store
         self.models = models
-        self.inference_port, self.management_port, self.metrics_port, grpc_i, grpc_m = free_ports(5)
+        self.torchserve = torchserve
+        self.as_kserve = as_kserve
+        self.env = env or {}
+        self.inference_port, self.management_port, self.metrics_port, self.grpc_port, grpc_m = free_ports(5)
         self.process: subprocess.Popen | None = None
         overrides = {
             "inference_address": f"http://127.0.0.1:{self.inference_port}",
             "management_address": f"http://127.0.0.1:{self.management_port}",
             "metrics_address": f"http://127.0.0.1:{self.metrics_port}",
-            "grpc_inference_port": str(grpc_i),
+            "grpc_inference_port": str(self.grpc_port),
             "grpc_management_port": str(grpc_m),
             "model_store": str(model_store),
         }
         lines = []
-        for line in (REPO / "config.properties").read_text().splitlines():
+        for line in (config or REPO / "config.properties").read_text().splitlines():
             key = line.split("=", 1)[0].strip()
             lines.append(f"{key}={overrides.pop(key)}" if key in overrides else line)
         lines += [f"{key}={value}" for key, value in overrides.items()]
@@ -63,11 +72,12 @@ class TorchServe:
         tmp = self.workdir / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp), "LOG_LOCATION": str(self.logs),
-               "METRICS_LOCATION": str(self.logs)}
-        models = [f"{name}={archive}" for name, archive in self.models.items()]
-        command = [str(TORCHSERVE), "--start", "--foreground", "--ncs", "--ts-config", str(self.config),
-                   "--log-config", str(REPO / "log4j2.xml"), "--model-store", str(self.model_store),
-                   "--models", *models]
+               "METRICS_LOCATION": str(self.logs), **self.env}
+        # --foreground keeps the frontend this process's child, so it is stopped by its PID.
+        command = [str(self.torchserve), "--start", "--foreground", "--ts-config", str(self.config),
+                   "--log-config", str(REPO / "log4j2.xml"), "--model-store", str(self.model_store)]
+        if not self.as_kserve:
+            command += ["--ncs", "--models", *(f"{name}={archive}" for name, archive in self.models.items())]
         self.output = open(self.workdir / "torchserve.out", "w")
         self.process = subprocess.Popen(command, cwd=self.workdir, env=env, stdout=self.output,
                                         stderr=subprocess.STDOUT, start_new_session=True)
@@ -92,8 +102,15 @@ class TorchServe:
         self.process = None
 
     # -- keys and requests --------------------------------------------------------------------
+    @property
+    def token_auth(self) -> bool:
+        return "disable_token_authorization=true" not in self.config.read_text()
+
     def key(self, kind: str) -> str:
         return json.loads((self.workdir / "key_file.json").read_text())[kind]["key"]
+
+    def auth_header(self, kind: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key(kind)}"} if self.token_auth else {}
 
     def request(self, port: int, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None, timeout: float = 60) -> tuple[int, bytes]:
@@ -111,7 +128,7 @@ class TorchServe:
         if content_type is not None:
             headers["Content-Type"] = content_type
         if auth:
-            headers["Authorization"] = f"Bearer {self.key('inference')}"
+            headers.update(self.auth_header("inference"))
         data = body.encode() if isinstance(body, str) else body
         status, raw = self.request(self.inference_port, "POST", f"/predictions/{model}", data, headers, timeout)
         try:
@@ -133,7 +150,7 @@ class TorchServe:
 
     def describe(self, model: str) -> list[dict]:
         status, raw = self.request(self.management_port, "GET", f"/models/{model}",
-                                   headers={"Authorization": f"Bearer {self.key('management')}"})
+                                   headers=self.auth_header("management"))
         return json.loads(raw) if status == 200 else []
 
     def worker_pids(self, model: str) -> list[int]:
@@ -146,7 +163,7 @@ class TorchServe:
             if self.process.poll() is not None:
                 raise RuntimeError(f"torchserve exited: {(self.workdir / 'torchserve.out').read_text()[-2000:]}")
             try:
-                if (self.workdir / "key_file.json").exists() and self.worker_pids(model):
+                if ((self.workdir / "key_file.json").exists() or not self.token_auth) and self.worker_pids(model):
                     return
             except (OSError, ValueError, KeyError):
                 pass

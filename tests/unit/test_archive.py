@@ -13,6 +13,8 @@ from aitune_core.checkpoint import MANIFEST_NAME
 from aitune_core.errors import ArchiveError, CheckpointError, UnsupportedDeviceError
 from models.builders import MODELS, mlp_inputs
 
+REPO = MODELS.parents[1]
+
 
 @pytest.fixture
 def inputs(tmp_path):
@@ -38,8 +40,16 @@ def test_archive_holds_handler_checkpoint_model_and_manifest(inputs):
     assert torchserve_manifest["model"]["handler"] == "aitune_handler.py"
     assert manifest["backend"] == "TorchAOBackend" and manifest["quantization"] == "int8wo"
     assert manifest["model"] == {"file": "small.py", "class": "MLP", "kwargs": {}}
-    assert set(manifest["files"]) == {"checkpoint.pt", "small.py"}
+    assert set(manifest["files"]) == {"checkpoint.pt", "small.py", "requirements.txt"}
     assert manifest["accuracy"]["min_cosine"] == 0.999
+    # It runs where this project is not installed: its own aitune_core (sources only) and what to pip install.
+    assert {"aitune_core/__init__.py", "aitune_core/serving.py", "aitune_core/wire/kserve_v2.py",
+            "aitune_core/backends/torchao.py"} <= names
+    assert not any("__pycache__" in name or name.endswith(".pyc") for name in names)
+    with zipfile.ZipFile(result.archive_path) as archive:
+        assert archive.read("requirements.txt").decode() == "torchao==0.18.0\n"
+        assert archive.read("aitune_core/serving.py") == (REPO / "aitune_core" / "serving.py").read_bytes()
+    assert torchserve_manifest["model"]["requirementsFile"] == "requirements.txt"
     assert manifest["versions"]["torchao"] == "0.18.0"
     assert manifest["key"].startswith("TorchAOBackend_")
     assert any("Accuracy" in line for line in lines)

@@ -12,7 +12,6 @@ from aitune_core.payload import (
     decode_inputs,
     decode_value,
     encode_output,
-    parse_json_body,
     split_output,
 )
 
@@ -30,29 +29,6 @@ def spec_one():
 
 def spec_two():
     return GraphSpec.from_samples(TwoInputs(), [(torch.zeros(2, 4), torch.zeros(2, 3, dtype=torch.long))])
-
-
-@pytest.mark.parametrize("request_, content_type, expected", [
-    ({"body": [[1, 2]]}, JSON, [[1, 2]]),
-    ({"body": bytearray(b"[[1, 2]]")}, "application/json; charset=utf-8", [[1, 2]]),
-    ({"body": {"inputs": []}}, "Application/JSON", {"inputs": []}),
-    ({"body": "a JSON string TorchServe parsed"}, JSON, "a JSON string TorchServe parsed"),
-])
-def test_parse_json_body(request_, content_type, expected):
-    assert parse_json_body(request_, content_type) == expected
-
-
-@pytest.mark.parametrize("request_, content_type, message", [
-    ({"body": bytearray(b"[[1, 2")}, JSON, "not valid JSON"),
-    ({"body": bytearray(b"")}, JSON, "empty"),
-    ({"body": bytearray(b"\xff\xfe[1]")}, JSON, "not UTF-8"),
-    ({"body": "[[1]]"}, "text/plain", "Content-Type must be application/json, got 'text/plain'"),
-    ({}, None, "not sent as JSON"),
-    ({"body": bytearray(b"[" * 100000 + b"]" * 100000)}, JSON, "nested too deeply|not valid JSON"),
-])
-def test_parse_json_body_errors(request_, content_type, message):
-    with pytest.raises(BadRequestError, match=message):
-        parse_json_body(request_, content_type)
 
 
 def test_one_positional_input():

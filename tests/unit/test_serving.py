@@ -8,10 +8,12 @@ import torch
 from aitune_core.archive import ArchiveOptions, archive_model
 from aitune_core.checkpoint import MANIFEST_NAME
 from aitune_core.errors import CheckpointError
-from aitune_core.serving import answer_batch, load_model, reply_json, serving_device
+from aitune_core.serving import answer_batch, batch_failure, load_model, serving_device
 from models.builders import MODELS, dict_output_inputs, mlp_inputs, two_inputs_inputs
 
 JSON = "application/json"
+# What TorchServe's worker hands over for POST /predictions with a JSON body.
+PREDICTIONS_HEADERS = {"body": {"content-type": JSON}, "Content-Type": JSON, "url_path": "", "explain": "False"}
 
 
 def unpacked(tmp_path, model_file, make_inputs, **changes):
@@ -22,7 +24,7 @@ def unpacked(tmp_path, model_file, make_inputs, **changes):
 
 
 def post(body):
-    return ({"body": body}, JSON)
+    return ({"body": body}, PREDICTIONS_HEADERS)
 
 
 def test_serving_device_without_cuda():
@@ -46,7 +48,7 @@ def test_loaded_archive_answers_like_the_original(tmp_path, backend, quantizatio
     [reply] = answer_batch(loaded, [post(x.tolist())])
     assert reply.status == 200
     expected = seeded_mlp()(x)
-    got = torch.tensor(reply.body)
+    got = torch.tensor(reply.json())
     assert got.shape == (3, 8)
     assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > manifest["accuracy"]["min_cosine"]
     if backend == "compile" and compile_at == "start":
@@ -62,14 +64,19 @@ def test_loaded_archive_answers_like_the_original(tmp_path, backend, quantizatio
 def test_batch_with_bad_requests_answers_the_good_ones(tmp_path):
     loaded = load_model(unpacked(tmp_path, MODELS / "small.py", mlp_inputs), torch.device("cpu"))
     rows = [torch.randn(n, 32, generator=torch.Generator().manual_seed(n)) for n in (1, 2, 3)]
-    replies = answer_batch(loaded, [post(rows[0].tolist()), post([[1, 2]]), ({"body": bytearray(b"{")}, JSON),
-                                    post(rows[1].tolist()), ({}, None), post(rows[2].tolist())])
+    replies = answer_batch(loaded, [post(rows[0].tolist()), post([[1, 2]]), post(bytearray(b"{")),
+                                    post(rows[1].tolist()), ({}, {"url_path": ""}), post(rows[2].tolist())])
     assert [r.status for r in replies] == [200, 400, 400, 200, 400, 200]
-    assert "dim 1 must be 32" in replies[1].body["error"]
+    assert "dim 1 must be 32" in replies[1].json()["error"] == replies[1].error
+    assert "not sent as JSON" in replies[4].error
     for reply, row in zip([replies[0], replies[3], replies[5]], rows):
         alone = answer_batch(loaded, [post(row.tolist())])[0]
-        assert torch.allclose(torch.tensor(reply.body), torch.tensor(alone.body), atol=1e-5)
-    assert json.loads(reply_json(replies[1])) == replies[1].body
+        assert torch.allclose(torch.tensor(reply.json()), torch.tensor(alone.json()), atol=1e-5)
+    # REST keeps its per-request status; only a lone failed gRPC request fails its batch.
+    assert batch_failure([post([[1, 2]])], [replies[1]]) is None
+    grpc = [({"data": bytearray(b"[[1, 2]]")}, {"data": {"content-type": None}})]
+    [grpc_reply] = answer_batch(loaded, grpc)
+    assert batch_failure(grpc, [grpc_reply]) == (400, grpc_reply.error) and "dim 1 must be 32" in grpc_reply.error
 
 
 def test_two_inputs_and_tuple_output(tmp_path):
@@ -81,10 +88,10 @@ def test_two_inputs_and_tuple_output(tmp_path):
     assert reply.status == 200
     torch.manual_seed(0)
     expected = TwoInputs()(x, ids)
-    assert len(reply.body) == 2
-    assert torch.allclose(torch.tensor(reply.body[1]), expected[1], rtol=1e-2)
+    assert len(reply.json()) == 2
+    assert torch.allclose(torch.tensor(reply.json()[1]), expected[1], rtol=1e-2)
     [bad] = answer_batch(loaded, [post({"inputs": [x.tolist(), [[1000, 1, 2]] * 2]})])
-    assert bad.status == 400 and "could not run this input: IndexError" in bad.body["error"]
+    assert bad.status == 400 and "could not run this input: IndexError" in bad.json()["error"]
 
 
 def test_dict_output_and_kwargs(tmp_path):
@@ -92,10 +99,10 @@ def test_dict_output_and_kwargs(tmp_path):
     x = torch.randn(2, 12).tolist()
     [hot, cold] = answer_batch(loaded, [post({"inputs": [x], "kwargs": {"temperature": 1.0}}),
                                         post({"inputs": [x], "kwargs": {"temperature": 10.0}})])
-    assert set(hot.body) == {"logits", "probs"}
-    assert max(hot.body["probs"][0]) > max(cold.body["probs"][0])
+    assert set(hot.json()) == {"logits", "probs"}
+    assert max(hot.json()["probs"][0]) > max(cold.json()["probs"][0])
     [bad] = answer_batch(loaded, [post({"inputs": [x], "kwargs": {"temperature": "hot"}})])
-    assert bad.status == 400 and "expected a float, got a string" in bad.body["error"]
+    assert bad.status == 400 and "expected a float, got a string" in bad.json()["error"]
 
 
 def test_tampered_checkpoint_is_refused_before_loading(tmp_path):
@@ -174,7 +181,7 @@ def test_a_worker_imports_torchao_only_for_an_archive_that_needs_it(tmp_path, ba
             "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
             "from aitune_core.serving import answer_batch, load_model\n"
             "loaded = load_model(sys.argv[2], torch.device('cpu'))\n"
-            "[reply] = answer_batch(loaded, [({'body': [[0.5] * 32]}, 'application/json')])\n"
+            f"[reply] = answer_batch(loaded, [({{'body': [[0.5] * 32]}}, {PREDICTIONS_HEADERS!r})])\n"
             "print(reply.status, 'torchao' in sys.modules)\n")
     done = subprocess.run([sys.executable, "-c", code, str(handler_path()), str(model_dir)], capture_output=True,
                           text=True)
