@@ -36,12 +36,13 @@ class TorchServe:
     """Start with ``start()``, stop with ``stop()``; talk to it with ``predict`` and ``describe``."""
 
     def __init__(self, workdir: Path, model_store: Path, models: dict[str, str], config: Path | None = None,
-                 torchserve: Path = TORCHSERVE, as_kserve: bool = False, env: dict[str, str] | None = None) -> None:
+                 torchserve: Path = TORCHSERVE, as_kserve: bool = False, env: dict[str, str] | None = None,
+                 log_config: Path = REPO / "log4j2.xml") -> None:
         """``config``: the config.properties to start from (the repository's by default); only the
         addresses and the model store are replaced. ``torchserve``: the script to start (its venv
         is the workers' Python). ``as_kserve``: start as KServe's runtime does, the models coming
         from the config's model_snapshot (``models`` then only names them). ``env``: added to the
-        environment."""
+        environment. ``log_config``: the log4j2 file (the benchmarks' writes the metric lines)."""
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.model_store = model_store
@@ -49,6 +50,7 @@ class TorchServe:
         self.torchserve = torchserve
         self.as_kserve = as_kserve
         self.env = env or {}
+        self.log_config = log_config
         self.inference_port, self.management_port, self.metrics_port, self.grpc_port, grpc_m = free_ports(5)
         self.process: subprocess.Popen | None = None
         overrides = {
@@ -75,7 +77,7 @@ class TorchServe:
                "METRICS_LOCATION": str(self.logs), **self.env}
         # --foreground keeps the frontend this process's child, so it is stopped by its PID.
         command = [str(self.torchserve), "--start", "--foreground", "--ts-config", str(self.config),
-                   "--log-config", str(REPO / "log4j2.xml"), "--model-store", str(self.model_store)]
+                   "--log-config", str(self.log_config), "--model-store", str(self.model_store)]
         if not self.as_kserve:
             command += ["--ncs", "--models", *(f"{name}={archive}" for name, archive in self.models.items())]
         self.output = open(self.workdir / "torchserve.out", "w")
