@@ -11,7 +11,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	@command -v java >/dev/null 2>&1 || { echo "java not found: TorchServe's frontend needs Java 17: apt-get install -y openjdk-17-jre-headless"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,examples,plot]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,examples,plot,bench]'
 	touch $@
 
 test: venv
@@ -44,9 +44,13 @@ bench: venv
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/checkpoint_figures.py
 	$(BIN)/python benchmarks/minilm.py
+	$(BIN)/python benchmarks/cpu_speed.py
+	$(BIN)/python benchmarks/served_split.py
 
 bench-quick: venv
 	$(BIN)/python benchmarks/run.py --quick
+	$(BIN)/python benchmarks/cpu_speed.py --quick
+	$(BIN)/python benchmarks/served_split.py --quick
 
 clean:
 	rm -rf $(VENV) .venv-plain *.egg-info model_store/*.mar logs

@@ -35,7 +35,7 @@ from aitune_core.bundle import requirements as bundle_requirements
 from aitune_core.codecs import TextCodec, TextOptions
 from aitune_core.checkpoint import CHECKPOINT_NAME, MANIFEST_NAME, save_checkpoint, write_manifest
 from aitune_core.devices import parse_device
-from aitune_core.errors import AITuneError, ArchiveError
+from aitune_core.errors import AITuneError, ArchiveError, ConfigError
 from aitune_core.graph_spec import GraphSpec, Sample
 from aitune_core.kserve import KServeOptions, add_arguments as add_kserve_arguments, options_from, write_layout
 from aitune_core.modules import load_module_class, load_weights
@@ -43,6 +43,7 @@ from aitune_core.precision import PRECISIONS, missing_support
 from aitune_core.staging import move_into_place
 from aitune_core.tune import STRATEGIES, TuneOptions, TuneReport, candidate_names, pick_variants, tune
 from aitune_core.variants import Variant
+from aitune_core.worker_threads import threads_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -239,14 +240,13 @@ def startup_timeout_for(compile_seconds: float) -> int:
 
 
 def _model_config(config_file: Path | None, backend: Backend, compile_seconds: float) -> tuple[str | None, str]:
-    """The model-config.yaml to pack, and a note when aitune-archive set its startupTimeout.
+    """The model-config.yaml to pack (checked: a YAML mapping with settings a worker can use), and a
+    note when aitune-archive set its startupTimeout.
 
     A backend that compiles in the worker (torch.compile, or the fallback of an AOTInductor package on
     another machine) may need more than TorchServe's default; a startupTimeout the user set wins.
     """
     text = config_file.read_text() if config_file is not None else None
-    if backend.compile_settings is None:
-        return text, ""
     try:
         config = yaml.safe_load(text) if text else {}
     except yaml.YAMLError as error:
@@ -254,6 +254,12 @@ def _model_config(config_file: Path | None, backend: Backend, compile_seconds: f
     if not isinstance(config, dict):
         raise ArchiveError(f"--config-file {config_file} must be a YAML mapping (key: value lines), "
                            f"got {type(config).__name__}")
+    try:
+        threads_from_config(config)  # a worker would refuse to start with it: say so now
+    except ConfigError as error:
+        raise ArchiveError(f"--config-file {config_file}: {error}") from None
+    if backend.compile_settings is None:
+        return text, ""
     if "startupTimeout" in config:
         return text, f"Kept your startupTimeout: {config['startupTimeout']} s"
     seconds = startup_timeout_for(compile_seconds)

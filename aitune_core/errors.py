@@ -19,3 +19,7 @@ class BadRequestError(AITuneError, ValueError):
 
 class ArchiveError(AITuneError):
     """``aitune-archive`` could not build or package the model; nothing was written."""
+
+
+class ConfigError(AITuneError, ValueError):
+    """A model-config.yaml setting this project reads has a value it cannot use."""

@@ -22,6 +22,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,13 +33,12 @@ def measure(archives: dict[str, Path], body: list, calls: int) -> dict[str, floa
         return _measure(archives, body, calls, Path(unpacked_dir))
 
 
-def _measure(archives: dict[str, Path], body: list, calls: int, unpacked_dir: Path) -> dict[str, float]:
+def load_services(archives: dict[str, Path], unpacked_dir: Path) -> dict[str, Any]:
+    """Each archive unpacked and loaded as a worker loads it (TorchServe's ``TsModelLoader``)."""
     from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
     from ts.model_loader import TsModelLoader
     import ts
 
-    # A worker logs metrics to stdout at INFO; the formatting and writing is part of the cost.
-    logging.basicConfig(stream=open(os.devnull, "w"), level=logging.INFO, force=True)
     metrics = MetricsCacheYamlImpl(config_file_path=str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
     metrics.initialize_cache()
     services = {}
@@ -52,11 +52,20 @@ def _measure(archives: dict[str, Path], body: list, calls: int, unpacked_dir: Pa
         service = TsModelLoader().load(name, str(model_dir), handler, None, 1, None, True, metrics)
         service.set_cl_socket(None)
         services[name] = service
+    return services
 
-    def request() -> list[dict]:
-        return [{"requestId": b"bench", "parameters": [{"name": "body", "contentType": "application/json",
-                                                         "value": body}],
-                 "headers": [{"name": b"Content-Type", "value": b"application/json"}]}]
+
+def predict_batch(body: Any) -> list[dict]:
+    """One JSON request as the worker hands it to ``Service.predict`` (the worker decodes JSON bodies)."""
+    return [{"requestId": b"bench", "parameters": [{"name": "body", "contentType": "application/json",
+                                                     "value": body}],
+             "headers": [{"name": b"Content-Type", "value": b"application/json"}]}]
+
+
+def _measure(archives: dict[str, Path], body: list, calls: int, unpacked_dir: Path) -> dict[str, float]:
+    # A worker logs metrics to stdout at INFO; the formatting and writing is part of the cost.
+    logging.basicConfig(stream=open(os.devnull, "w"), level=logging.INFO, force=True)
+    services = load_services(archives, unpacked_dir)
 
     sweep = np.ones(4 * 2**20 // 8)
     timings: dict[str, list[float]] = {name: [] for name in services}
@@ -64,7 +73,7 @@ def _measure(archives: dict[str, Path], body: list, calls: int, unpacked_dir: Pa
     for call in range(calls + 200):  # the first 200 rounds warm up
         for name in names[call % len(names):] + names[:call % len(names)]:
             sweep.sum()
-            batch = request()
+            batch = predict_batch(body)
             started = time.perf_counter()
             response = services[name].predict(batch)
             elapsed = time.perf_counter() - started

@@ -25,6 +25,7 @@ from ts.utils.util import PredictionException  # noqa: E402
 
 from aitune_core.errors import AITuneError  # noqa: E402
 from aitune_core.serving import answer_batch, batch_failure, load_model, serving_device  # noqa: E402
+from aitune_core.worker_threads import set_worker_threads, threads_from_config  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class AITuneHandler(BaseHandler):
         properties = context.system_properties
         device = serving_device(properties.get("gpu_id"))
         try:
+            threads = set_worker_threads(threads_from_config(getattr(context, "model_yaml_config", None)))
             self.model = load_model(properties["model_dir"], device, context.manifest["model"].get("modelVersion", "1.0"))
         except Exception as error:  # one clear line for any failure, not a traceback
             reason = str(error) if isinstance(error, AITuneError) else f"{type(error).__name__}: {error}"
@@ -57,7 +59,7 @@ class AITuneHandler(BaseHandler):
         self.context = context
         self.batching = (properties.get("batch_size") or 1) > 1
         self.initialized = True
-        notes = "".join(f"; {note}" for note in self.model.notes)
+        notes = "".join(f"; {note}" for note in [threads, *self.model.notes])
         logger.info("AITune: model %s ready: %s on %s in %.0f ms%s; aitune_core from %s", context.model_name,
                     self.model.backend.describe(), device, (time.perf_counter() - started) * 1000, notes,
                     os.path.dirname(aitune_core.__file__))

@@ -11,7 +11,8 @@ from integration.torchserve import REPO, TorchServe
 from models.builders import MODELS, dict_output_inputs, mlp_inputs, two_inputs_inputs
 
 MAX_BATCH_SIZE = 64
-BATCH_CONFIG = "batchSize: 4\nmaxBatchDelay: 300\nresponseTimeout: 60\n"
+# One torch thread in the batched model's workers (handler.torch_threads), the others torch's default.
+BATCH_CONFIG = "batchSize: 4\nmaxBatchDelay: 300\nresponseTimeout: 60\nhandler:\n  torch_threads: 1\n"
 
 
 def pytest_collection_modifyitems(items):

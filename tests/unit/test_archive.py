@@ -109,6 +109,20 @@ def test_several_or_no_module_classes(inputs, tmp_path):
         archive_model(options(inputs, model_file=none))
 
 
+@pytest.mark.parametrize("config, message", [
+    ("handler:\n  torch_threads: 0\n", "handler.torch_threads must be a whole number of threads >= 1, got 0"),
+    ("handler:\n  torch_threads: two\n", "handler.torch_threads must be a whole number of threads >= 1, got 'two'"),
+    ("handler: 2\n", "handler must be a mapping"),
+    ("- batchSize\n", "must be a YAML mapping"),
+])
+def test_bad_model_config_writes_nothing(inputs, tmp_path, config, message):
+    """A model-config a worker would refuse is refused when archiving, whatever the backend."""
+    (tmp_path / "bad.yaml").write_text(config)
+    with pytest.raises(ArchiveError, match=f"--config-file .*bad.yaml.*{message}"):
+        archive_model(options(inputs, backend="eager", config_file=tmp_path / "bad.yaml"))
+    assert not inputs["export_path"].exists() or list(inputs["export_path"].iterdir()) == []
+
+
 def test_sample_the_model_cannot_run(inputs, tmp_path):
     torch.save(torch.randn(2, 5), tmp_path / "bad_sample.pt")
     with pytest.raises(ArchiveError, match="cannot run the sample\\(s\\) .*bad_sample.pt"):
