@@ -20,7 +20,7 @@ import torch
 
 from aitune_core.devices import cuda_capability
 from aitune_core.errors import AITuneError
-from aitune_core.graph_spec import BATCH_DIM, GraphSpec, Sample, flatten_tensors
+from aitune_core.graph_spec import GraphSpec, Sample
 from aitune_core.precision import cpu_features
 
 logger = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ def compile_package(module: torch.nn.Module, graph_spec: GraphSpec, sample: Samp
         raise AOTCompileError(f"{', '.join(values)} is a Python value, which torch.export fixes at its sample's "
                               "value: the model is compiled when the worker starts instead")
     # A dim of size 1 would be specialized by export: the example has at least 2 rows.
-    rows = max(2, _rows(sample))
+    rows = max(2, sample.rows())
     example = sample.with_rows(rows)
     try:
         with torch.no_grad():
@@ -154,11 +154,6 @@ def compile_package(module: torch.nn.Module, graph_spec: GraphSpec, sample: Samp
     buffer = io.BytesIO()
     torch._inductor.aoti_compile_and_package(exported, package_path=buffer, inductor_configs=inductor_options)
     return AOTPackage(data=buffer.getvalue(), target=AOTTarget.of(device), max_sizes=max_sizes)
-
-
-def _rows(sample: Sample) -> int:
-    sizes = [t.shape[BATCH_DIM] for t in flatten_tensors((sample.args, sample.kwargs)) if t.dim()]
-    return max(sizes, default=1)
 
 
 def _inputs(spec: GraphSpec) -> list[tuple[str, dict[str, Any]]]:

@@ -112,6 +112,7 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
     or a model below the accuracy threshold; nothing is written in the export path then.
     """
     backend, target = _check_options(options)
+    config_text, config = _read_model_config(options.config_file)  # before minutes of building or tuning
     archive_path = _archive_path(options)
 
     progress(f"Importing {options.model_file}")
@@ -175,7 +176,7 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
         min_cosine, build_seconds = primary.min_cosine, primary.build_s + primary.first_call_s
         progress("Variants: " + "; ".join(f"{v.name} ({v.describe}) for {v.needs()}" for v in variants))
 
-    model_config, startup_note = _model_config(options.config_file, backend, build_seconds)
+    model_config, startup_note = _model_config(config_text, config, backend, build_seconds)
     if startup_note:
         progress(startup_note)
     request = _check_text_codec(options, backend)
@@ -239,13 +240,8 @@ def startup_timeout_for(compile_seconds: float) -> int:
     return max(TORCHSERVE_STARTUP_TIMEOUT, math.ceil((4 * compile_seconds + 60) / 10) * 10)
 
 
-def _model_config(config_file: Path | None, backend: Backend, compile_seconds: float) -> tuple[str | None, str]:
-    """The model-config.yaml to pack (checked: a YAML mapping with settings a worker can use), and a
-    note when aitune-archive set its startupTimeout.
-
-    A backend that compiles in the worker (torch.compile, or the fallback of an AOTInductor package on
-    another machine) may need more than TorchServe's default; a startupTimeout the user set wins.
-    """
+def _read_model_config(config_file: Path | None) -> tuple[str | None, dict[str, Any]]:
+    """The --config-file's text and its YAML, checked: a mapping with settings a worker can use."""
     text = config_file.read_text() if config_file is not None else None
     try:
         config = yaml.safe_load(text) if text else {}
@@ -258,6 +254,17 @@ def _model_config(config_file: Path | None, backend: Backend, compile_seconds: f
         threads_from_config(config)  # a worker would refuse to start with it: say so now
     except ConfigError as error:
         raise ArchiveError(f"--config-file {config_file}: {error}") from None
+    return text, config
+
+
+def _model_config(text: str | None, config: dict[str, Any], backend: Backend,
+                  compile_seconds: float) -> tuple[str | None, str]:
+    """The model-config.yaml to pack (the user's ``text``, parsed as ``config``), and a note when
+    aitune-archive set its startupTimeout.
+
+    A backend that compiles in the worker (torch.compile, or the fallback of an AOTInductor package on
+    another machine) may need more than TorchServe's default; a startupTimeout the user set wins.
+    """
     if backend.compile_settings is None:
         return text, ""
     if "startupTimeout" in config:

@@ -5,8 +5,8 @@ backend: it checks inputs against what the archive recorded, batches, calls ``in
 as fit, and names the outputs. ``TensorCodec`` (the default) reads tensors as the GraphSpec
 recorded them. ``TextCodec`` is the extension point for text models: it tokenizes
 ``{"text": [...]}`` with a tokenizer.json shipped in the archive, pads the whole batch to its
-longest text, and calls ``forward(input_ids, attention_mask)`` once. The manifest's ``request`` section says which one
-an archive uses, so the handler stays generic.
+longest text, and calls ``forward(input_ids, attention_mask)`` once. The manifest's ``request``
+section says which one an archive uses, so the handler stays generic.
 """
 
 from __future__ import annotations

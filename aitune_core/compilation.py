@@ -17,7 +17,7 @@ import torch
 
 from aitune_core.accuracy import compare_outputs
 from aitune_core.aot import AOTCompileError, AOTPackage, check_sizes, compile_package
-from aitune_core.graph_spec import BATCH_DIM, GraphSpec, Sample, flatten_tensors
+from aitune_core.graph_spec import GraphSpec, Sample
 from aitune_core.payload import split_output
 
 logger = logging.getLogger(__name__)
@@ -84,10 +84,10 @@ class CompiledModule:
     def _check_a_batch_of_one(self, sample: Sample) -> None:
         """AOTCompileError unless one row gives what that row gives inside a batch: export compiles for
         sizes of at least 2, and a batch of one is the commonest request."""
-        rows = max([t.shape[BATCH_DIM] for t in flatten_tensors((sample.args, sample.kwargs)) if t.dim()], default=1)
-        batch = sample.with_rows(max(2, rows))
+        rows = max(2, sample.rows())
+        batch = sample.with_rows(rows)
         with torch.inference_mode():
-            first_row = split_output(batch.run(self), [1, max(2, rows) - 1])
+            first_row = split_output(batch.run(self), [1, rows - 1])
             alone = batch.with_rows(1).run(self)
         if first_row is None:
             return  # outputs without a batch dim: nothing to compare row by row

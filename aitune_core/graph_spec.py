@@ -63,6 +63,10 @@ class Sample:
         """Call ``module`` on this sample."""
         return module(*self.args, **self.kwargs)
 
+    def rows(self) -> int:
+        """The largest size along the batch dim of its tensors (1 when none has a batch dim)."""
+        return max([t.shape[BATCH_DIM] for t in flatten_tensors((self.args, self.kwargs)) if t.dim()], default=1)
+
     def with_rows(self, rows: int) -> "Sample":
         """This sample with ``rows`` rows in dim 0 of every tensor (its rows repeated or cut)."""
         def resize(tensor: torch.Tensor) -> torch.Tensor:

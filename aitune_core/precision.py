@@ -3,7 +3,7 @@
 Requests and answers keep the dtypes the GraphSpec recorded: float inputs are cast in, float outputs
 cast back, inside the module (so torch.compile and AOTInductor fuse the casts with their neighbours).
 Casting the weights (``module.to(bf16)``) measured faster than autocast, which keeps fp32 weights and
-casts them at every matmul (README, "Tuning").
+casts them at every matmul (docs/tuning.md).
 """
 
 from __future__ import annotations

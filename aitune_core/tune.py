@@ -7,9 +7,9 @@ capability 8.9) is out with what it needs. Every candidate meets one accuracy ga
 default 0.999), so tuning never buys speed with accuracy the user did not choose to give; a compiled
 candidate whose uncompiled twin already missed the gate is out without being compiled. A quantization
 that misses the gate is tried again with its costliest layers kept in float (aitune_core.float_layers),
-and its +compile twin is built with the same layers kept. The strategy
-scores the rest from their timings; eager is always measured and wins unless the best candidate beats
-it by more than the noise (the larger of ``min_gain`` and eager's own spread, p90 / median - 1).
+and its +compile twin is built with the same layers kept. The strategy scores the rest from their
+timings; eager is always measured and wins unless the best candidate beats it by more than the noise
+(the larger of ``min_gain`` and eager's own spread, p90 / median - 1).
 """
 
 from __future__ import annotations

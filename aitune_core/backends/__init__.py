@@ -17,11 +17,9 @@ BACKEND_NAMES = {"eager": "TorchEagerBackend", "compile": "TorchCompileBackend",
 BACKEND_MODULES = {"TorchEagerBackend": "aitune_core.backends.eager",
                    "TorchCompileBackend": "aitune_core.backends.compile",
                    "TorchAOBackend": "aitune_core.backends.torchao"}
-_LAZY = {"TorchEagerBackend": "aitune_core.backends.eager", "TorchEagerBackendConfig": "aitune_core.backends.eager",
-         "TorchCompileBackend": "aitune_core.backends.compile",
-         "TorchCompileBackendConfig": "aitune_core.backends.compile",
-         "TorchAOBackend": "aitune_core.backends.torchao", "TorchAOBackendConfig": "aitune_core.backends.torchao",
-         "QUANTIZATIONS": "aitune_core.backends.torchao"}
+# Names this package gives on first use: each backend class, its config class, torchao's QUANTIZATIONS.
+_LAZY = {**BACKEND_MODULES, **{f"{name}Config": module for name, module in BACKEND_MODULES.items()},
+         "QUANTIZATIONS": BACKEND_MODULES["TorchAOBackend"]}
 
 
 def backend_class(class_name: str) -> type[Backend]:
