@@ -11,7 +11,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	@command -v java >/dev/null 2>&1 || { echo "java not found: TorchServe's frontend needs Java 17: apt-get install -y openjdk-17-jre-headless"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,examples,plot,bench]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,hf,examples,plot,bench]'
 	touch $@
 
 test: venv

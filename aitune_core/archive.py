@@ -30,13 +30,14 @@ from aitune_core.accuracy import Accuracy, compare_outputs, min_cosine_for
 from aitune_core.backend import Backend, library_versions
 from aitune_core.backends import BACKEND_NAMES, make_backend, quantization_of
 from aitune_core.backends.torchao import CHECKPOINT_WEIGHTS, QUANTIZATIONS
-from aitune_core.bundle import REQUIREMENTS_NAME, stage_package
+from aitune_core.bundle import REQUIREMENTS_NAME, TEXT_PACKAGES, imported_distributions, stage_package
 from aitune_core.bundle import requirements as bundle_requirements
 from aitune_core.codecs import TextCodec, TextOptions
 from aitune_core.checkpoint import CHECKPOINT_NAME, MANIFEST_NAME, save_checkpoint, write_manifest
 from aitune_core.devices import parse_device
 from aitune_core.errors import AITuneError, ArchiveError, ConfigError
 from aitune_core.graph_spec import GraphSpec, Sample
+from aitune_core.hf import TASKS
 from aitune_core.kserve import KServeOptions, add_arguments as add_kserve_arguments, options_from, write_layout
 from aitune_core.modules import load_module_class, load_weights
 from aitune_core.precision import PRECISIONS, missing_support
@@ -61,8 +62,11 @@ class ArchiveOptions:
     """What to archive and how; the CLI's flags, one field each."""
 
     model_name: str
-    model_file: Path
-    samples: list[Path]
+    model_file: Path | None = None  # the module-file way: model_file + samples (+ weights)
+    samples: list[Path] = dataclasses.field(default_factory=list)
+    hf_model: Path | None = None  # the Hugging Face way: a folder, and nothing else
+    task: str | None = None  # with hf_model; default: read from the folder
+    sample_texts: Path | None = None  # with hf_model; default: the built-in texts
     model_class: str | None = None
     model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     weights: Path | None = None
@@ -80,7 +84,7 @@ class ArchiveOptions:
     force: bool = False
     archive_format: str = "default"
     text_tokenizer: Path | None = None
-    text_max_tokens: int = 256
+    text_max_tokens: int | None = None  # default: 256 for --text-tokenizer, the model's own limit for --hf-model
     text_output_key: str = "embeddings"
     max_batch_size: int | None = None
     tune: TuneOptions | None = None  # set: measure the candidates and archive the winner(s)
@@ -115,27 +119,14 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
     config_text, config = _read_model_config(options.config_file)  # before minutes of building or tuning
     archive_path = _archive_path(options)
 
-    progress(f"Importing {options.model_file}")
-    module_class = load_module_class(options.model_file, options.model_class)
-    try:
-        module = module_class(**options.model_kwargs).eval()
-    except TypeError as error:
-        raise ArchiveError(f"Cannot make {module_class.__name__}(**{options.model_kwargs}): {error}") from None
-
-    if options.weights is None:
-        logger.warning("No --weights given: %s keeps the weights of its own initialisation", module_class.__name__)
-        progress(f"No --weights: {module_class.__name__} keeps its own initialisation")
-    else:
-        progress(f"Loading weights {options.weights}")
-        load_weights(module, _load_file(options.weights, "--weights"), assign=False)
-
-    samples = [_load_sample(path) for path in options.samples]
-    progress(f"Recording inputs and outputs on {', '.join(map(str, options.samples))}")
+    source = _hf_source(options, progress) if options.hf_model is not None else _module_file_source(options, progress)
+    module, samples = source.module, source.samples
+    progress(f"Recording inputs and outputs on {source.sample_names}")
     try:
         graph_spec, reference = GraphSpec.record(module, samples)
     except Exception as error:
-        names = ", ".join(map(str, options.samples))
-        raise ArchiveError(f"The model cannot run the sample(s) {names}: {type(error).__name__}: {error}") from None
+        raise ArchiveError(f"The model cannot run the sample(s) {source.sample_names}: "
+                           f"{type(error).__name__}: {error}") from None
 
     tuning: list[TuneReport] = []
     if options.tune is None:
@@ -179,7 +170,7 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
     model_config, startup_note = _model_config(config_text, config, backend, build_seconds)
     if startup_note:
         progress(startup_note)
-    request = _check_text_codec(options, backend)
+    request = source.check_request(backend) if source.check_request else _check_text_codec(options, backend)
     if request is None and options.max_batch_size is not None:
         request = {"codec": "tensor", "max_batch_size": options.max_batch_size}
 
@@ -191,7 +182,7 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
         "key": backend.key(),
         "quantization": quant,
         "config": backend.config.to_dict(),
-        "model": {"file": options.model_file.name, "class": module_class.__name__, "kwargs": options.model_kwargs},
+        "model": source.model_section,
         "checkpoint": CHECKPOINT_NAME,
         "graph_spec": graph_spec.to_dict(),
         "versions": _versions(),
@@ -203,7 +194,7 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
     if variants:
         manifest["variants"] = [variant.to_dict() for variant in variants]
         manifest["tuning"] = [report.to_dict() for report in tuning]
-    _package(options, checkpoints, _tuning_files(tuning), manifest, model_config, archive_path)
+    _package(options, source, checkpoints, _tuning_files(tuning), manifest, model_config, archive_path)
     return ArchiveResult(
         archive_path=archive_path,
         backend=backend.name,
@@ -217,6 +208,79 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
         tuning=tuning,
         variants=variants,
     )
+
+
+@dataclasses.dataclass
+class _Source:
+    """Where the model came from: the module with its weights, the samples, what the manifest and the
+    archive carry to remake it in a worker, and (for a folder) the check of its request codec."""
+
+    module: torch.nn.Module
+    samples: list[Sample]
+    sample_names: str
+    model_section: dict[str, Any]
+    write_files: Callable[[Path], list[Path]]  # copies the model's files into a staging folder
+    packages: list[str]  # what the worker imports beyond torch and the backend's own
+    check_request: Callable[[Backend], dict[str, Any]] | None = None
+
+
+def _module_file_source(options: ArchiveOptions, progress: Callable[[str], None]) -> _Source:
+    progress(f"Importing {options.model_file}")
+    module_class = load_module_class(options.model_file, options.model_class)
+    try:
+        module = module_class(**options.model_kwargs).eval()
+    except TypeError as error:
+        raise ArchiveError(f"Cannot make {module_class.__name__}(**{options.model_kwargs}): {error}") from None
+    if options.weights is None:
+        logger.warning("No --weights given: %s keeps the weights of its own initialisation", module_class.__name__)
+        progress(f"No --weights: {module_class.__name__} keeps its own initialisation")
+    else:
+        progress(f"Loading weights {options.weights}")
+        load_weights(module, _load_file(options.weights, "--weights"), assign=False)
+
+    def write_files(directory: Path) -> list[Path]:
+        files = [directory / options.model_file.name]
+        shutil.copyfile(options.model_file, files[0])
+        if options.text_tokenizer is not None:
+            files.append(directory / options.text_tokenizer.name)
+            shutil.copyfile(options.text_tokenizer, files[-1])
+        return files
+
+    packages = [*(TEXT_PACKAGES if options.text_tokenizer is not None else ()),
+                *imported_distributions(options.model_file)]
+    return _Source(module=module, samples=[_load_sample(path) for path in options.samples],
+                   sample_names=", ".join(map(str, options.samples)),
+                   model_section={"file": options.model_file.name, "class": module_class.__name__,
+                                  "kwargs": options.model_kwargs},
+                   write_files=write_files, packages=packages)
+
+
+def _hf_source(options: ArchiveOptions, progress: Callable[[str], None]) -> _Source:
+    from aitune_core.hf.prepare import PACKAGES, prepare
+
+    progress(f"Reading the Hugging Face folder {options.hf_model}")
+    prepared = prepare(options.hf_model, options.task, options.sample_texts, options.text_max_tokens,
+                       options.max_batch_size)
+    spec = prepared.spec
+    how = "" if options.task else " (read from the folder)"
+    detail = {"sentence-embeddings": f": {'+'.join(spec.pooling)} pooling"
+                                     f"{f', {len(spec.dense)} Dense' if spec.dense else ''}"
+                                     f"{', normalized' if spec.normalize else ''}",
+              "text-classification": f": {len(prepared.codec.options.labels)} labels",
+              "token-classification": f": {len(prepared.codec.options.labels)} labels"}.get(spec.task, "")
+    progress(f"Task {spec.task}{how}, {spec.architecture}{detail}, texts up to {spec.max_tokens} tokens")
+    texts = f"--sample-texts {options.sample_texts}" if options.sample_texts else "the built-in sample texts"
+
+    def check_request(backend: Backend) -> dict[str, Any]:
+        codec = prepared.codec
+        [outcome] = codec.answer(backend, [codec.decode({"text": [prepared.check_text]})])
+        if outcome.status != 200:
+            raise ArchiveError(f"The built {spec.task} model cannot answer a text: {outcome.error}")
+        return prepared.request_section()
+
+    return _Source(module=prepared.module, samples=prepared.samples, sample_names=texts,
+                   model_section=prepared.model_section(), write_files=prepared.write_files,
+                   packages=list(PACKAGES), check_request=check_request)
 
 
 def _tuning_files(reports: list[TuneReport]) -> dict[str, bytes]:
@@ -281,7 +345,7 @@ def _check_text_codec(options: ArchiveOptions, backend: Backend) -> dict[str, An
     """The manifest's ``request`` section for a text model, after one text went through the built backend."""
     if options.text_tokenizer is None:
         return None
-    text_options = TextOptions(tokenizer=options.text_tokenizer.name, max_tokens=options.text_max_tokens,
+    text_options = TextOptions(tokenizer=options.text_tokenizer.name, max_tokens=options.text_max_tokens or 256,
                                output_key=options.text_output_key)
     if options.max_batch_size is not None:
         text_options.max_texts = options.max_batch_size
@@ -300,10 +364,29 @@ def _check_options(options: ArchiveOptions) -> tuple[Backend, torch.device]:
     """Fail fast, before any work, on inputs that cannot succeed."""
     if not _MODEL_NAME.match(options.model_name):
         raise ArchiveError(f"--model-name {options.model_name!r} must be letters, digits, '_', '-' or '.'")
-    if not options.samples:
-        raise ArchiveError("--sample is required: a torch.save file with the model's inputs")
+    if options.hf_model is not None:
+        used = [flag for flag, value in (("--model-file", options.model_file), ("--sample", options.samples),
+                                         ("--weights", options.weights), ("--text-tokenizer", options.text_tokenizer),
+                                         ("--model-class", options.model_class),
+                                         ("--model-kwargs", options.model_kwargs)) if value]
+        if used:
+            raise ArchiveError(f"--hf-model takes the model, its weights and tokenizer from the folder: leave out "
+                               f"{', '.join(used)}")
+        if not Path(options.hf_model).is_dir():
+            raise ArchiveError(f"--hf-model {options.hf_model} is not a folder")
+    else:
+        if options.model_file is None:
+            raise ArchiveError("--model-file (a Python file with your nn.Module) or --hf-model (a Hugging Face "
+                               "folder) is required")
+        if not options.samples:
+            raise ArchiveError("--sample is required: a torch.save file with the model's inputs")
+        if options.task is not None or options.sample_texts is not None:
+            raise ArchiveError("--task and --sample-texts apply with --hf-model only")
+    if options.text_max_tokens is not None and options.text_max_tokens < 1:
+        raise ArchiveError(f"--text-max-tokens must be at least 1, got {options.text_max_tokens}")
     checked = [("--model-file", options.model_file), ("--weights", options.weights),
-               ("--config-file", options.config_file), ("--text-tokenizer", options.text_tokenizer)] + [("--sample", path) for path in options.samples]
+               ("--config-file", options.config_file), ("--text-tokenizer", options.text_tokenizer),
+               ("--sample-texts", options.sample_texts)] + [("--sample", path) for path in options.samples]
     for flag, path in checked:
         if path is not None and not Path(path).is_file():
             raise ArchiveError(f"{flag} {path} does not exist")
@@ -367,7 +450,7 @@ def handler_path() -> Path:
     raise ArchiveError(f"The handler {HANDLER_FILE} is not installed: looked in {', '.join(map(str, candidates))}")
 
 
-def _package(options: ArchiveOptions, checkpoints: dict[str, Backend], extra_files: dict[str, bytes],
+def _package(options: ArchiveOptions, source: _Source, checkpoints: dict[str, Backend], extra_files: dict[str, bytes],
              manifest: dict[str, Any], model_config: str | None, archive_path: Path) -> None:
     """Stage checkpoints, model file and manifest, run torch-model-archiver, move the result into place.
 
@@ -384,17 +467,13 @@ def _package(options: ArchiveOptions, checkpoints: dict[str, Backend], extra_fil
         for name, backend in checkpoints.items():
             saved.append(files / name)
             save_checkpoint(backend.to_dict(), saved[-1])
-        extra = [*saved[1:], files / options.model_file.name]
-        shutil.copyfile(options.model_file, files / options.model_file.name)
-        if options.text_tokenizer is not None:
-            extra.append(files / options.text_tokenizer.name)
-            shutil.copyfile(options.text_tokenizer, extra[-1])
+        extra = [*saved[1:], *source.write_files(files)]
         for name, data in extra_files.items():
             extra.append(files / name)
             extra[-1].write_bytes(data)
         requirements = files / REQUIREMENTS_NAME
         needs = [package for backend in checkpoints.values() for package in backend.REQUIRES]
-        requirements.write_text(bundle_requirements(needs, options.text_tokenizer is not None, options.model_file))
+        requirements.write_text(bundle_requirements([*needs, *source.packages]))
         write_manifest(files, manifest, [saved[0], *extra, requirements])
         package = stage_package(staging / "package")
         command = [
@@ -454,11 +533,18 @@ def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
         description="Build a model with an AITune-style backend, check its accuracy and pack it into a .mar",
     )
     parser.add_argument("--model-name", required=True)
-    parser.add_argument("--model-file", required=True, type=Path)
+    source = parser.add_argument_group("the model: a Hugging Face folder, or your nn.Module in a file")
+    source.add_argument("--hf-model", type=Path, metavar="DIR",
+                        help="a Hugging Face folder (config.json, model.safetensors, tokenizer): nothing else needed")
+    source.add_argument("--task", choices=TASKS,
+                        help="with --hf-model; default: read from the folder (modules.json, architectures)")
+    source.add_argument("--sample-texts", type=Path, metavar="FILE",
+                        help="with --hf-model: texts (one per line) to check accuracy and tune on; default: built-in")
+    parser.add_argument("--model-file", type=Path, help="a Python file defining your nn.Module")
     parser.add_argument("--model-class")
     parser.add_argument("--model-kwargs", default="{}", help="JSON object passed to the model class")
     parser.add_argument("--weights", type=Path, help="state_dict saved with torch.save")
-    parser.add_argument("--sample", required=True, type=Path, action="append", dest="samples",
+    parser.add_argument("--sample", type=Path, action="append", dest="samples", default=[],
                         help="torch.save file: a tensor, a tuple/list of tensors, or (args tuple, kwargs dict); "
                              "repeat it: a dim whose size differs between samples is dynamic when served")
     parser.add_argument("--backend", default="torchao", choices=sorted(BACKEND_NAMES))
@@ -484,7 +570,8 @@ def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
                         help="most rows (texts for a text model) one request may send; 400 above it")
     parser.add_argument("--text-tokenizer", type=Path,
                         help="tokenizer.json: serve {\"text\": [...]} through forward(input_ids, attention_mask)")
-    parser.add_argument("--text-max-tokens", type=int, default=256, help="truncate each text to this many tokens")
+    parser.add_argument("--text-max-tokens", type=int,
+                        help="truncate each text to this many tokens (default 256; with --hf-model the model's own limit)")
     parser.add_argument("--text-output-key", default="embeddings", help="the answer's key for the model output")
     tuning = parser.add_argument_group("tuning (--tune)")
     tuning.add_argument("--tune", action="store_true",
@@ -504,6 +591,8 @@ def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
                         help="also write KServe's storage layout and an InferenceService YAML into DIR")
     add_kserve_arguments(parser)
     args = parser.parse_args(argv)
+    if (args.hf_model is None) == (args.model_file is None):
+        parser.error("give either --hf-model DIR (a Hugging Face folder) or --model-file FILE with --sample")
     tune_options = None
     if args.tune:
         try:
@@ -528,6 +617,7 @@ def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
         parser.error("--quantization applies to the torchao backend only")
     return ArchiveOptions(
         model_name=args.model_name, model_file=args.model_file, samples=args.samples, model_class=args.model_class,
+        hf_model=args.hf_model, task=args.task, sample_texts=args.sample_texts,
         model_kwargs=model_kwargs, weights=args.weights, backend=args.backend, quantization=args.quantization,
         checkpoint_weights=args.checkpoint_weights, compile=args.compile, precision=args.precision,
         compile_at=args.compile_at, device=args.device, export_path=args.export_path,

@@ -49,14 +49,11 @@ def imported_distributions(model_file: Path) -> list[str]:
     return sorted(found, key=str.lower)
 
 
-def requirements(backend_packages: list[str], text_model: bool, model_file: Path | None = None) -> str:
+def requirements(packages: list[str]) -> str:
     """``requirements.txt`` for the archive: the packages the worker needs (its backends', a text model's,
-    what the model file imports), pinned to the versions here."""
-    packages = list(dict.fromkeys([*backend_packages, *(TEXT_PACKAGES if text_model else ())]))
-    if model_file is not None:
-        packages += [dist for dist in imported_distributions(model_file) if dist not in packages]
+    what the model file imports), pinned to the versions here; what a TorchServe image has is left out."""
     lines = []
-    for package in packages:
+    for package in dict.fromkeys(packages):
         if package.lower() in IMAGE_PACKAGES:
             continue
         try:

@@ -1,6 +1,7 @@
 """Console entry points, and the quieting of torch/torchao import notices they share with the handler."""
 
 import logging
+import os
 import sys
 import warnings
 
@@ -24,6 +25,9 @@ def archive_main() -> int:
     """``aitune-archive``: see aitune_core.archive."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     silence_import_notices()
+    # A Hugging Face folder is read from disk only, without transformers' progress bars in the summary.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from aitune_core.archive import main
 
     return main()

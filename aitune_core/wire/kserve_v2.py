@@ -243,11 +243,25 @@ def _text(item: Any, where: str, base64_bytes: bool) -> str:
     return item
 
 
-def output_entries(named: dict[str, torch.Tensor], selected: list[tuple[str, bool]],
-                   datatypes: dict[str, str] = DATATYPES) -> tuple[list[dict[str, Any]], list[bytes]]:
-    """The ``outputs`` entries for ``selected`` (name, binary) and the raw bytes of the binary ones, in order."""
+def output_entries(named: dict[str, Any], selected: list[tuple[str, bool]], datatypes: dict[str, str] = DATATYPES,
+                   json_values: bool = False) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """The ``outputs`` entries for ``selected`` (name, binary) and the raw bytes of the binary ones, in order.
+
+    A tensor goes as its datatype; a list (texts, or JSON values sent as JSON text) as BYTES. With
+    ``json_values`` a JSON value stays a value in ``data`` (for a relay that writes each element as JSON).
+    """
     entries, chunks = [], []
     for name, binary in selected:
+        if isinstance(named[name], list):  # texts, or JSON documents (entities, fills): BYTES, one per text
+            items = [item if isinstance(item, str) or json_values else compact_json(item) for item in named[name]]
+            entry = {"name": name, "datatype": "BYTES", "shape": [len(items)]}
+            if binary:
+                chunks.append(b"".join(_LENGTH.pack(len(data)) + data for data in (item.encode() for item in items)))
+                entry["parameters"] = {"binary_data_size": len(chunks[-1])}
+            else:
+                entry["data"] = items
+            entries.append(entry)
+            continue
         tensor = named[name].detach().cpu()
         datatype = datatypes.get(str(tensor.dtype).removeprefix("torch."))
         if datatype is None:  # float8 and the like: sent as float32

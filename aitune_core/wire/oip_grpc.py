@@ -12,6 +12,9 @@ that relay allows and needs, read from its source and checked against a real tor
 - ``raw_input_contents``, ``outputs`` and ``parameters`` of the request are dropped by the frontend:
   an input sent as raw bytes arrives with empty data (or none, for a datatype the frontend does
   not know), and is refused with a message that says so.
+- a BYTES output element reaches the client as the JSON text of the element (Gson's ``toString``): a
+  string arrives quoted (``"neutral"``), a JSON value (entities, fills) as its compact JSON document;
+  so BYTES outputs are sent as JSON values, and clients ``json.loads`` each element.
 - a per-request status is ignored; only a failure of the whole worker batch becomes a gRPC error
   status. ``aitune_core.serving`` raises one when the batch held just this request; inside a larger
   batch the error comes back as a BYTES output named ``error`` (see ``error_response``).
@@ -84,7 +87,7 @@ def encode(outcome: Outcome, call: Call, codec: Codec, model: ModelInfo) -> Resp
     if outcome.status != 200:
         return _error(call.options, outcome.status, outcome.error, model)
     named = codec.named_outputs(outcome.output)
-    entries, _ = kserve_v2.output_entries(named, [(name, False) for name in named], DATATYPES)
+    entries, _ = kserve_v2.output_entries(named, [(name, False) for name in named], DATATYPES, json_values=True)
     return Response(200, _answer(call.options, model, entries))
 
 

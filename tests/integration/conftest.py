@@ -64,6 +64,14 @@ def server(tmp_path_factory, model_store):
 
 
 @pytest.fixture(scope="session")
+def stubs(tmp_path_factory):
+    """TorchServe's gRPC stubs (Predictions, OIP), generated once from the .proto files in its jar."""
+    from integration.grpc_stubs import generate
+
+    return generate(tmp_path_factory.mktemp("grpc_stubs"))
+
+
+@pytest.fixture(scope="session")
 def reference_mlp():
     from models.small import seeded_mlp
 

