@@ -46,11 +46,13 @@ bench: venv
 	$(BIN)/python benchmarks/minilm.py
 	$(BIN)/python benchmarks/cpu_speed.py
 	$(BIN)/python benchmarks/served_split.py
+	$(BIN)/python benchmarks/hf_classifier.py
 
 bench-quick: venv
 	$(BIN)/python benchmarks/run.py --quick
 	$(BIN)/python benchmarks/cpu_speed.py --quick
 	$(BIN)/python benchmarks/served_split.py --quick
+	$(BIN)/python benchmarks/hf_classifier.py --quick
 
 clean:
 	rm -rf $(VENV) .venv-plain *.egg-info model_store/*.mar logs

@@ -15,6 +15,8 @@ CLASS_LABELS = ["negative", "neutral", "positive"]
 ENTITY_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "MISC"]
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             max_position_embeddings=512)
+BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                 max_position_embeddings=512)
 
 
 def minilm_folder() -> Path:
@@ -39,8 +41,8 @@ def _spread(model: torch.nn.Module, seed: int) -> None:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
 
 
-def make_folder(task: str, out: Path, architecture: str = "bert", seed: int = 0) -> Path:
-    """Write a small ``task`` model folder to ``out`` (``bert`` or ``distilbert`` for the classifiers)."""
+def make_folder(task: str, out: Path, architecture: str = "bert", seed: int = 0, shape: dict | None = None) -> Path:
+    """Write a ``task`` model folder to ``out`` (``bert`` or ``distilbert``); a BERT of ``shape`` (default TINY)."""
     import transformers
 
     torch.manual_seed(seed)
@@ -50,7 +52,7 @@ def make_folder(task: str, out: Path, architecture: str = "bert", seed: int = 0)
         config = transformers.DistilBertConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
                                                max_position_embeddings=512)
     else:
-        config = transformers.BertConfig(vocab_size=vocab, **TINY)
+        config = transformers.BertConfig(vocab_size=vocab, **(shape or TINY))
     name = "DistilBert" if architecture == "distilbert" else "Bert"
     if task == "text-classification":
         config.id2label = dict(enumerate(CLASS_LABELS))
