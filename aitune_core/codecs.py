@@ -289,9 +289,13 @@ def make_codec(request_section: dict[str, Any] | None, model_dir: Path, graph_sp
     if request_section["codec"] == "text":
         options = TextOptions(**{k: v for k, v in request_section.items() if k != "codec"})
         return TextCodec(options, model_dir / check_file_name(options.tokenizer))
+    if request_section["codec"] == "generate":
+        from aitune_core.generate.codec import GenerateCodec
+
+        return GenerateCodec.from_model_dir(request_section, model_dir)
     if request_section["codec"] == "hf":
         from aitune_core.hf.codec import HFCodec
 
         return HFCodec.from_model_dir(request_section, model_dir)
     raise CheckpointError(f"The manifest asks for an unknown request codec {request_section['codec']!r}: "
-                          "expected 'tensor', 'text' or 'hf'")
+                          "expected 'tensor', 'text', 'hf' or 'generate'")

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from aitune_core.errors import BadRequestError
 from aitune_core.graph_spec import flatten_tensors
 from aitune_core.modules import load_module_class
 from aitune_core.variants import Variant, choose_variant
-from aitune_core.wire import Call, ModelInfo, Request, Response, error_for, read_request
+from aitune_core.wire import Call, ModelInfo, Request, Response, compact_json, error_for, read_request
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,10 @@ def load_model(model_dir: Path | str, device: torch.device, version: str = "1.0"
 def empty_module(model: dict[str, Any], model_dir: Path) -> torch.nn.Module:
     """The module the checkpoint's weights go into: the archived model file's class, or a Hugging Face task's
     module made from the archived config (the manifest's ``model`` section says which)."""
+    if "generate" in model:
+        from aitune_core.generate.folder import empty_decoder
+
+        return empty_decoder(model["generate"])
     if "hf" in model:
         from aitune_core.hf.folder import FolderSpec, empty_module as hf_module
 
@@ -113,11 +118,13 @@ def warm_up(backend: Backend) -> list[str]:
                     f"graphs from the inductor cache, {inductor['fxgraph_cache_miss'] - misses} compiled anew)"]
 
 
-def answer_batch(model: LoadedModel, requests: list[tuple[dict[str, Any], dict[str, Any] | None]]) -> list[Response]:
+def answer_batch(model: LoadedModel, requests: list[tuple[dict[str, Any], dict[str, Any] | None]],
+                 send: Callable[[int, Any], None] | None = None) -> list[Response]:
     """Answer TorchServe requests (each its parameters and its header dict), in order, each in its own protocol.
 
     Every request passes wire format -> codec -> backend: a bad one gets its own 4xx in its
-    protocol; the good ones, whatever their protocols, go through the codec together.
+    protocol; the good ones, whatever their protocols, go through the codec together. A codec that
+    streams (generation) sends intermediate pieces through ``send(request index, JSON value)``.
     """
     responses: list[Response | None] = [None] * len(requests)
     calls: dict[int, Call] = {}
@@ -128,7 +135,13 @@ def answer_batch(model: LoadedModel, requests: list[tuple[dict[str, Any], dict[s
         except BadRequestError as error:
             responses[index] = error_for(request, 400, str(error), model.info)
     if calls:
-        outcomes = model.codec.answer(model.backend, [call.inputs for call in calls.values()])
+        inputs = [call.inputs for call in calls.values()]
+        if getattr(model.codec, "streams", False):
+            indices = list(calls)
+            forward = (lambda position, value: send(indices[position], compact_json(value))) if send else None
+            outcomes = model.codec.answer(model.backend, inputs, forward)
+        else:
+            outcomes = model.codec.answer(model.backend, inputs)
         for (index, call), outcome in zip(calls.items(), outcomes):
             try:
                 responses[index] = call.encode(outcome, call, model.codec, model.info)

@@ -20,6 +20,7 @@ from aitune_core.cli import silence_import_notices  # noqa: E402
 silence_import_notices()
 
 from ts.metrics.metric_type_enum import MetricTypes  # noqa: E402
+from ts.protocol.otf_message_handler import send_intermediate_predict_response  # noqa: E402
 from ts.torch_handler.base_handler import BaseHandler  # noqa: E402
 from ts.utils.util import PredictionException  # noqa: E402
 
@@ -68,7 +69,8 @@ class AITuneHandler(BaseHandler):
         """Each request in its protocol: decode and check, one ``infer`` per compatible group, encode."""
         start = time.perf_counter()
         requests = [(request, context.get_all_request_header(index)) for index, request in enumerate(data)]
-        responses = answer_batch(self.model, requests)
+        responses = answer_batch(self.model, requests, lambda index, body: send_intermediate_predict_response(
+            {index: body}, {index: context.request_ids[index]}, "Intermediate response", 200, context))
         for index, response in enumerate(responses):
             context.set_response_content_type(index, response.content_type)
             for name, value in response.headers.items():

@@ -9,7 +9,11 @@
 - ``codec``: texts in, a task's answers out, for every wire format;
 - ``texts``: the built-in sample texts of the accuracy gate.
 
+``text-generation`` (causal language models) reads its folder here too, then goes to
+``aitune_core.generate``.
+
 Never ``trust_remote_code``: only architectures transformers itself defines are loaded.
 """
 
-TASKS = ("sentence-embeddings", "text-classification", "token-classification", "fill-mask")
+TASKS = ("sentence-embeddings", "text-classification", "token-classification", "fill-mask", "text-generation")
+GENERATION = "text-generation"  # served by aitune_core.generate: a decoder, an engine, many steps a request

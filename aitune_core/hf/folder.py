@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from aitune_core.errors import ArchiveError
-from aitune_core.hf import TASKS
+from aitune_core.hf import GENERATION, TASKS
 from aitune_core.hf.modules import POOLING_MODES, Dense, Logits, MaskLogits, SentenceEmbedder
 
 logger = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ TASK_HEADS = {
     "text-classification": ("ForSequenceClassification", "AutoModelForSequenceClassification"),
     "token-classification": ("ForTokenClassification", "AutoModelForTokenClassification"),
     "fill-mask": ("ForMaskedLM", "AutoModelForMaskedLM"),
+    GENERATION: ("ForCausalLM", "AutoModelForCausalLM"),
 }
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # A tokenizer's vocabulary comes in one of these (transformers would otherwise make an empty one).
@@ -105,9 +106,6 @@ def _task_of(config: Any, folder: Path, task: str | None) -> str:
         for candidate, (suffix, _) in TASK_HEADS.items():
             if suffix is not None and name.endswith(suffix):
                 return candidate
-    if any(name.endswith("ForCausalLM") for name in architectures):
-        raise ArchiveError(f"{folder} holds a causal language model ({', '.join(architectures)}): text generation "
-                           f"is not served by this version; supported tasks: {', '.join(TASKS)}")
     if architectures and not any("For" in name for name in architectures):
         return "sentence-embeddings"  # a bare encoder: mean pooling, as sentence-transformers does for one
     raise ArchiveError(f"{folder}: cannot tell the task from {', '.join(architectures) or 'a config without architectures'}"
@@ -216,14 +214,23 @@ def _limit(tokenizer: Any, config: Any, folder: Path, task: str) -> int:
     return limit
 
 
-def read_folder(folder: Path, task: str | None = None) -> tuple[FolderSpec, Any, Any]:
-    """Check ``folder`` and say what it serves: (spec, transformers config, tokenizer); ArchiveError naming the problem."""
+def task_of(folder: Path, task: str | None = None) -> str:
+    """The task ``folder`` serves (``task`` checked against it, or read from it); ArchiveError naming the problem."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ArchiveError(f"--hf-model {folder} is not a folder")
-    config = _config(folder)
-    task = _task_of(config, folder, task)
+    task = _task_of(_config(folder), folder, task)
     _weights_file(folder)
+    return task
+
+
+def read_folder(folder: Path, task: str | None = None) -> tuple[FolderSpec, Any, Any]:
+    """Check ``folder`` and say what it serves: (spec, transformers config, tokenizer); ArchiveError naming the problem."""
+    folder = Path(folder)
+    task = task_of(folder, task)
+    if task == GENERATION:
+        raise ArchiveError(f"{folder} holds a causal language model: read it with aitune_core.generate")
+    config = _config(folder)
     tokenizer = load_tokenizer(folder)
     architecture = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     spec = FolderSpec(task=task, architecture=architecture, max_tokens=_limit(tokenizer, config, folder, task))

@@ -66,7 +66,7 @@ def test_task_is_read_from_the_folder(folders, tmp_path):
     ("no_weights", "has no weights: expected one of model.safetensors"),
     ("no_tokenizer", "has no tokenizer transformers can load"),
     ("wrong_task", "--task token-classification does not fit"),
-    ("causal_lm", "holds a causal language model (LlamaForCausalLM): text generation is not served"),
+    ("causal_lm", "holds a causal language model: read it with aitune_core.generate"),
     ("no_labels_task", "--task 'summarization' is not one of"),
 ])
 def test_folders_that_cannot_be_served_are_refused_with_one_line(folders, tmp_path, breakage, message):

@@ -1,0 +1,171 @@
+"""A Llama-family decoder with a static KV cache: one forward is one prompt chunk or one decode step.
+
+Written for generation in the style of gpt-fast: plain modules, the KV cache allocated once as
+``[max_batch, max_context, kv_heads, head_dim]`` buffers per layer (never saved in a checkpoint), and
+``forward(tokens, positions, slots)``:
+
+- ``tokens``, ``positions``: ``[batch, length]``: a prompt chunk (batch 1) or one decode step (length 1)
+  of every live sequence; ``slots``: ``[batch]``, the cache slot each row writes and reads;
+- returns the logits ``[batch, length, vocabulary]``.
+
+Each row writes its keys and values at its positions in its slot, then attends to every cached position
+up to its own: what lies beyond (a longer sequence that used the slot before, a padded chunk's tail) is
+masked until it is overwritten. So sequences join and leave slots between steps, and shapes never depend
+on how long a sequence is: one compiled graph serves every prompt length and number of live sequences.
+Parameter names are the Hugging Face checkpoints' (``model.layers.N.self_attn.q_proj.weight``...), so a
+folder's weights load as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclasses.dataclass
+class DecoderConfig:
+    """The shape of a Llama-family decoder, read from a folder's config.json (see ``folder.decoder_config``)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_context: int
+    max_batch: int
+    attention_bias: bool = False  # q/k/v projections (Qwen2: True)
+    attention_out_bias: bool = False  # o projection
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    rope_scaling: float = 1.0  # transformers' attention_scaling of the rotary embedding (YaRN...); 1 otherwise
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "DecoderConfig":
+        return cls(**values)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, heads * head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(heads * head_dim, config.hidden_size, bias=config.attention_out_bias)
+        shape = (config.max_batch, config.max_context, kv_heads, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        head_dim = self.config.head_dim
+        q = self.q_proj(x).view(batch, length, self.config.num_heads, head_dim)
+        k = self.k_proj(x).view(batch, length, self.config.num_kv_heads, head_dim)
+        v = self.v_proj(x).view(batch, length, self.config.num_kv_heads, head_dim)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        rows = slots.unsqueeze(1).expand(batch, length)
+        self.k_cache[rows, positions] = k.to(self.k_cache.dtype)
+        self.v_cache[rows, positions] = v.to(self.v_cache.dtype)
+        keys = self.k_cache[slots].transpose(1, 2).to(q.dtype)  # [batch, kv_heads, context, head_dim]
+        values = self.v_cache[slots].transpose(1, 2).to(q.dtype)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                             enable_gqa=self.config.num_kv_heads != self.config.num_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, slots, positions, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Body(nn.Module):
+    """``model.*`` in the checkpoints: embeddings, layers, final norm."""
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Decoder(nn.Module):
+    """The whole decoder: ``forward(tokens, positions, slots) -> logits``."""
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Body(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # The rotary frequencies come from transformers for the folder's rope type (saved with the weights).
+        self.register_buffer("rope_inv_freq", torch.zeros(config.head_dim // 2))
+        self.register_buffer("context_positions", torch.arange(config.max_context), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        x = self.model.embed_tokens(tokens)
+        angles = positions.unsqueeze(-1).float() * self.rope_inv_freq.float()
+        angles = torch.cat((angles, angles), dim=-1)
+        cos = (angles.cos() * self.config.rope_scaling).to(x.dtype).unsqueeze(2)  # [batch, length, 1, head_dim]
+        sin = (angles.sin() * self.config.rope_scaling).to(x.dtype).unsqueeze(2)
+        mask = (self.context_positions.view(1, 1, 1, -1) <= positions.unsqueeze(1).unsqueeze(-1))
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, slots, positions, mask)
+        return self.lm_head(self.model.norm(x))
+
+    def reset_cache(self) -> None:
+        """Zero every slot (a fresh worker's cache); never needed for correctness, see the module docstring."""
+        for layer in self.model.layers:
+            layer.self_attn.k_cache.zero_()
+            layer.self_attn.v_cache.zero_()
