@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: venv test unit integration reliability demo stop bench bench-quick clean
+.PHONY: venv test unit integration reliability demo stop bench bench-quick gpu-check clean
 
 venv: $(VENV)/.installed
 
@@ -47,12 +47,19 @@ bench: venv
 	$(BIN)/python benchmarks/cpu_speed.py
 	$(BIN)/python benchmarks/served_split.py
 	$(BIN)/python benchmarks/hf_classifier.py
+	$(BIN)/python benchmarks/generate.py
 
 bench-quick: venv
 	$(BIN)/python benchmarks/run.py --quick
 	$(BIN)/python benchmarks/cpu_speed.py --quick
 	$(BIN)/python benchmarks/served_split.py --quick
 	$(BIN)/python benchmarks/hf_classifier.py --quick
+	$(BIN)/python benchmarks/generate.py --quick
+
+# On a GPU machine, with .whl/ from scripts/gpu_wheels.sh beside it; no venv, no Java (docs/gpu.md).
+GPU_REPORT ?= gpu-report
+gpu-check:
+	bash scripts/gpu_check.sh $(GPU_REPORT)
 
 clean:
 	rm -rf $(VENV) .venv-plain *.egg-info model_store/*.mar logs

@@ -166,23 +166,27 @@ class CompiledModule:
 
 
 class DynamicCall:
-    """Calls a torch.compile'd module; its first call (where the graph is compiled) marks the GraphSpec's
-    dynamic dims dynamic and compiles size-obliviously: one graph serves every batch and length, 1 included.
+    """Calls a torch.compile'd module; its first calls (the worker's warm-up, where graphs are compiled) mark
+    the GraphSpec's dynamic dims dynamic and compile size-obliviously: one graph serves every batch and length,
+    1 included.
 
     By default dynamo specializes sizes 0 and 1 and recompiles when a size first changes: a batch of one,
     a one-token text, each new combination is a new graph (seconds each, and past dynamo's recompile
     limit a silent fall back to eager). AOTInductor's export makes the same size-oblivious assumption.
-    Later calls skip the marking (torch._dynamo.maybe_mark_dynamic costs ~0.3-0.8 ms a tensor); their
-    sizes pass the graph's guards as they are.
+    The warm-up runs the smallest sample at one row and then every recorded sample: as many calls are
+    marked, so a model whose samples inductor cannot serve with one graph (a decoder's prompt chunk and
+    its one-token step) gets its second graph dynamic too. Later calls skip the marking
+    (torch._dynamo.maybe_mark_dynamic costs ~0.3-0.8 ms a tensor); their sizes pass the guards as they are.
     """
 
     def __init__(self, compiled: Any, graph_spec: GraphSpec) -> None:
         self.compiled = compiled
         self.graph_spec = graph_spec
-        self.traced = False
+        recorded = [len(node.get("shapes", [])) for node in graph_spec.args if node.get("kind") == "tensor"]
+        self.marked_calls = 1 + max(recorded, default=1)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.traced:
+        if not self.marked_calls:
             return self.compiled(*args, **kwargs)
         from torch.fx.experimental import _config as fx_config
 
@@ -190,13 +194,15 @@ class DynamicCall:
         kwargs = {name: _mark_dynamic(value, self.graph_spec.kwargs.get(name, {})) for name, value in kwargs.items()}
         with fx_config.patch(backed_size_oblivious=True):
             output = self.compiled(*args, **kwargs)
-        self.traced = True
+        self.marked_calls -= 1
         return output
 
 
 def _mark_dynamic(value: Any, node: dict[str, Any]) -> Any:
+    # A dim of size 1 stays static in that graph: a decoder's one-token step then gets a graph of its own
+    # (where marking it made dynamo specialize it anyway, and every other call recompile).
     if isinstance(value, torch.Tensor) and node.get("kind") == "tensor":
         for dim in node["dynamic_dims"]:
-            if dim < value.dim():
+            if dim < value.dim() and value.shape[dim] != 1:
                 torch._dynamo.maybe_mark_dynamic(value, dim)
     return value

@@ -94,14 +94,25 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, length, self.config.num_kv_heads, head_dim)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        rows = slots.unsqueeze(1).expand(batch, length)
-        self.k_cache[rows, positions] = k.to(self.k_cache.dtype)
-        self.v_cache[rows, positions] = v.to(self.v_cache.dtype)
-        keys = self.k_cache[slots].transpose(1, 2).to(q.dtype)  # [batch, kv_heads, context, head_dim]
-        values = self.v_cache[slots].transpose(1, 2).to(q.dtype)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
-                                             enable_gqa=self.config.num_kv_heads != self.config.num_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        # One flat index per (slot, position): index_copy_ keeps the batch size symbolic where a two-tensor
+        # index_put would make dynamo specialize it.
+        flat = (slots.unsqueeze(1) * self.config.max_context + positions).reshape(-1)
+        for cache, new in ((self.k_cache, k), (self.v_cache, v)):
+            cache.view(-1, *cache.shape[2:]).index_copy_(0, flat, new.reshape(-1, *new.shape[2:]).to(cache.dtype))
+        keys = self.k_cache[slots].to(q.dtype)  # [batch, context, kv_heads, head_dim]
+        values = self.v_cache[slots].to(q.dtype)
+        # Attention written out (each kv head serves a group of query heads): inductor compiles it for any
+        # batch and length, where its lowering of the CPU flash-attention kernel with a mask does not.
+        # bmm over explicit expands, never broadcasting matmuls, whose decomposition specializes sizes of 1.
+        kv_heads, heads, context = self.config.num_kv_heads, self.config.num_heads, keys.shape[1]
+        group = heads // kv_heads
+        q = q.view(batch, length, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4).reshape(-1, length, head_dim)
+        keys = keys.permute(0, 2, 3, 1).unsqueeze(2).expand(batch, kv_heads, group, head_dim, context)
+        values = values.permute(0, 2, 1, 3).unsqueeze(2).expand(batch, kv_heads, group, context, head_dim)
+        scores = torch.bmm(q, keys.reshape(-1, head_dim, context)) * head_dim ** -0.5  # [b*heads, len, context]
+        scores = scores.view(batch, heads, length, context).masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        out = torch.bmm(scores.view(-1, length, context), values.reshape(-1, context, head_dim))
+        return self.o_proj(out.view(batch, heads, length, head_dim).transpose(1, 2).reshape(batch, length, -1))
 
 
 class MLP(nn.Module):

@@ -65,7 +65,9 @@ class Engine:
                  slot: int = 0) -> Generation:
         """Run ``request`` to its end in cache ``slot``; ``emit(piece)`` for each piece of new text."""
         options = self.options
-        with torch.inference_mode():
+        # no_grad, not inference_mode: the ids made here must be ordinary tensors, as a compiled backend's
+        # warm-up saw them (an inference tensor is a guard failure: a recompile). infer itself runs in inference mode.
+        with torch.no_grad():
             logits = prefill(self.infer, request.prompt_ids, slot, options.prefill_chunk, options.max_context)
             generator = request.sampling.generator()
             detokenizer = Detokenizer(self.tokenizer, request.prompt_ids)

@@ -66,13 +66,16 @@ def load_decoder(folder: Path, max_context: int | None, max_batch: int | None) -
     """The folder's weights in a ``Decoder`` (fp32, eval), and the end-of-sequence ids its generation config names."""
     import transformers
 
+    # The shape is checked from the config first: an unserved architecture is named before its weights load.
+    config = decoder_config(transformers.AutoConfig.from_pretrained(folder, local_files_only=True,
+                                                                    trust_remote_code=False),
+                            folder, max_context, max_batch)
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             folder, local_files_only=True, trust_remote_code=False, dtype=torch.float32, weights_only=True)
     except Exception as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ArchiveError(f"--hf-model {folder}: transformers cannot load the causal LM: {reason}") from None
-    config = decoder_config(model.config, folder, max_context, max_batch)
     rotary = model.model.rotary_emb
     config.rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
     decoder = Decoder(config)

@@ -69,7 +69,7 @@ def measure(reference: Infer, candidate: Infer, sequences: list[tuple[list[int],
             options: GenerateOptions, min_top1: float = MIN_TOP1, max_kl: float = MAX_KL) -> GenerationGate:
     """Teacher-forced top-1 agreement and mean KL of ``candidate`` against ``reference`` on ``sequences``."""
     agree, kl, count = 0, 0.0, 0
-    with torch.inference_mode():
+    with torch.no_grad():  # see Engine.generate: ordinary tensors in, as the backends' warm-up saw them
         for prompt, continuation in sequences:
             if not continuation:
                 continue

@@ -42,14 +42,15 @@ def make_tokenizer(vocab_size: int = 512, text: str | None = None):
 
 def make_llm_folder(out: Path, architecture: str = "llama", layers: int = 2, hidden: int = 64, heads: int = 4,
                     kv_heads: int = 2, intermediate: int = 128, vocab_size: int = 512, context: int = 512,
-                    seed: int = 0, tokenizer=None, spread: float = 0.3) -> Path:
+                    seed: int = 0, tokenizer=None, spread: float = 0.3, model_vocab: int | None = None) -> Path:
     """A ``LlamaForCausalLM`` (or ``mistral``, ``qwen2``) folder with a tokenizer; ``spread`` is the weights' std
-    (larger than a real initialisation so that greedy decoding has clear winners, not float-rounding ties)."""
+    (larger than a real initialisation so that greedy decoding has clear winners, not float-rounding ties);
+    ``model_vocab`` gives the model a larger vocabulary than the tokenizer's (a benchmark's shape)."""
     import transformers
 
     torch.manual_seed(seed)
     tokenizer = tokenizer or make_tokenizer(vocab_size)
-    common = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+    common = dict(vocab_size=max(model_vocab or 0, len(tokenizer)), hidden_size=hidden, intermediate_size=intermediate,
                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                   max_position_embeddings=context, bos_token_id=0, eos_token_id=1, pad_token_id=2,
                   initializer_range=spread, tie_word_embeddings=False)

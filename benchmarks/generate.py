@@ -1,0 +1,196 @@
+"""`make bench`, text generation: decode tokens/s of a 254M-parameter Llama shape (16 layers, 1024 hidden, 2816
+intermediate, GQA 16/8 heads, vocabulary 32000, random weights), one stream, against transformers' ``generate``
+fp32 eager in one process on the same folder (what TorchServe's Hugging Face handlers run).
+
+Contenders take turns (``cpu_speed.take_turns``); the noise floor is ``generate`` against a second copy of
+itself. A decode rate is 32 / (time of 33 new tokens - time of 1), so the prompt's pass is left out. Also:
+the GB/s of weights each reads per token next to the read bandwidth measured in the same run (summing a
+512 MB tensor), and the best archive served through torchserve, streamed: tokens/s against in-process and
+the time to the first token against one prompt pass. Writes benchmarks/results/generate.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "benchmarks")]
+
+from cpu_speed import Report, machine, take_turns  # noqa: E402
+
+from aitune_core.archive import ArchiveOptions, archive_model  # noqa: E402
+from aitune_core.generate.engine import Engine, prefill  # noqa: E402
+from aitune_core.generate.request import parse  # noqa: E402
+from aitune_core.precision import missing_support  # noqa: E402
+from aitune_core.serving import load_model  # noqa: E402
+from integration.torchserve import TorchServe  # noqa: E402
+from models.llm_folders import make_llm_folder, make_tokenizer  # noqa: E402
+
+FULL = dict(layers=16, hidden=1024, heads=16, kv_heads=8, intermediate=2816, model_vocab=32000, context=1024)
+QUICK = dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, model_vocab=512, context=256)
+PROMPT = "def parse_arguments(argv):\n    parser = argparse.ArgumentParser("
+STEPS = 32
+
+
+def read_bandwidth() -> float:
+    """GB/s of summing a 512 MB fp32 tensor (best of 5)."""
+    data = torch.ones(128 * 1024 * 1024)
+    best = min(_timed(lambda: data.sum()) for _ in range(5))
+    return data.numel() * 4 / best / 1e9
+
+
+def _timed(call: Callable[[], Any]) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
+# Bytes of weight a format reads per parameter (int8: one byte, its per-channel scales are ~0.1% more).
+BYTES_PER_PARAMETER = {"eager": 4, "compile": 4, "int8wo+compile": 1, "bf16+compile": 2, "generate": 4}
+
+
+def linear_parameters(module: torch.nn.Module) -> int:
+    """Parameters a decode step reads: every Linear's weight (the embedding reads one row: left out)."""
+    return sum(layer.weight.numel() for layer in module.modules() if isinstance(layer, torch.nn.Linear))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a tiny model, few rounds: the harness works")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args()
+    shape, rounds = (QUICK, 2) if args.quick else (FULL, 6)
+    report = Report()
+    details: dict[str, Any] = {"shape": shape}
+    with tempfile.TemporaryDirectory(prefix="aitune-generate-") as tmp:
+        work = Path(tmp)
+        print(f"Text generation on {machine()}", flush=True)
+        folder = make_llm_folder(work / "llm", tokenizer=make_tokenizer(2000), spread=0.02, **shape)
+        candidates = {"eager": {"backend": "eager"}, "compile": {"backend": "compile"},
+                      "int8wo+compile": {"quantization": "int8wo", "compile": True}}
+        if missing_support("bf16", torch.device("cpu")) is None:
+            candidates["bf16+compile"] = {"backend": "compile", "precision": "bf16"}
+        store = work / "store"
+        for name, changes in candidates.items():
+            started = time.perf_counter()
+            archive_model(ArchiveOptions(model_name=name.replace("+", "_"), hf_model=folder, export_path=store,
+                                         archive_format="no-archive", max_batch=1, **changes),
+                          progress=lambda line: print(f"  {line}", flush=True))
+            details[f"archive_s {name}"] = round(time.perf_counter() - started, 1)
+        loaded = {name: load_model(store / name.replace("+", "_"), torch.device("cpu")) for name in candidates}
+        details["bandwidth_GBps"] = round(read_bandwidth(), 1)
+        details.update(in_process(report, folder, loaded, rounds, details["bandwidth_GBps"]))
+        best = max(candidates, key=lambda name: details["tokens_per_s"][name])
+        details["best"] = best
+        details.update(served(report, work, store, best.replace("+", "_"), loaded[best], rounds))
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = (f"Text generation ({'quick' if args.quick else '254M Llama shape'}), {machine()}\n\n{report.markdown()}\n\n"
+            f"Read bandwidth {details['bandwidth_GBps']} GB/s; decode tokens/s: {details['tokens_per_s']}; weights read "
+            f"GB/s: {details['weights_GBps']}; best archive {details['best']}\n")
+    (args.out / "generate.md").write_text(text)
+    (args.out / "generate.json").write_text(json.dumps({"mode": "quick" if args.quick else "full",
+                                                        "machine": machine(), "rows": report.rows,
+                                                        "details": details}, indent=2, default=str) + "\n")
+    print(f"\n{text}")
+
+
+def in_process(report: Report, folder: Path, loaded: dict[str, Any], rounds: int, bandwidth: float) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    references = [AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval() for _ in range(2)]
+    any_model = next(iter(loaded.values()))
+    tokenizer, options = any_model.codec.tokenizer, any_model.codec.options
+    ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
+
+    def hf(which: int, new: int) -> Callable[[], Any]:
+        def call() -> None:
+            with torch.no_grad():
+                references[which].generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                           min_new_tokens=new, do_sample=False, disable_compile=True)
+        return call
+
+    def ours(name: str, new: int) -> Callable[[], Any]:
+        engine = Engine(loaded[name].backend.infer, tokenizer, options)
+        request = parse({"prompt": PROMPT, "max_new_tokens": new}, tokenizer, options)
+        request.stops = []
+        return lambda: engine.generate(request)
+
+    contenders = {"generate": hf(0, STEPS + 1), "generate copy": hf(1, STEPS + 1),
+                  **{name: ours(name, STEPS + 1) for name in loaded}}
+    firsts = {"generate": hf(0, 1), "generate copy": hf(1, 1), **{name: ours(name, 1) for name in loaded}}
+    long_runs = take_turns(contenders, rounds)
+    short_runs = take_turns(firsts, rounds)
+    rates = {name: STEPS / max(long_runs[name] - short_runs[name], 1e-9) for name in contenders}
+    floor = rates["generate"] / rates["generate copy"]
+    for name in loaded:
+        report.add(f"decode tokens/s, 1 stream, in-process: {name} / transformers generate fp32 eager", rates[name],
+                   rates["generate"], "tokens/s", True, target=1.1 if name != "eager" else None, floor=floor)
+    parameters = linear_parameters(references[0])
+    weights = {name: round(parameters * BYTES_PER_PARAMETER[name] * rates[name] / 1e9, 2)
+               for name in [*loaded, "generate"]}
+    for name, gbps in weights.items():
+        report.add(f"weights read per second: {name} / read bandwidth", gbps, bandwidth, "GB/s", True)
+    prompt_pass = {name: short_runs[name] for name in loaded}
+    return {"tokens_per_s": {k: round(v, 2) for k, v in rates.items()}, "weights_GBps": weights,
+            "first_token_s": {k: round(v, 4) for k, v in prompt_pass.items()}}
+
+
+def served(report: Report, work: Path, store: Path, name: str, loaded: Any, rounds: int) -> dict[str, Any]:
+    """The best archive through torchserve, streamed: tokens/s between first and last piece, and TTFT."""
+    import shutil
+
+    shutil.make_archive(str(work / name), "zip", store / name)
+    (work / "mar").mkdir()
+    (work / f"{name}.zip").rename(work / "mar" / f"{name}.mar")
+    server = TorchServe(work / "ts", work / "mar", {name: f"{name}.mar"}).start()
+    try:
+        server.wait_ready(name, timeout=900)
+        rates, firsts = [], []
+        for _ in range(rounds):
+            connection = http.client.HTTPConnection("127.0.0.1", server.inference_port, timeout=600)
+            started = time.perf_counter()
+            connection.request("POST", f"/predictions/{name}",
+                               json.dumps({"prompt": PROMPT, "max_new_tokens": STEPS + 1, "stream": True}),
+                               {**server.auth_header("inference"), "Content-Type": "application/json"})
+            response = connection.getresponse()
+            arrivals = []
+            while data := response.read1(65536):
+                arrivals.append(time.perf_counter() - started)
+            connection.close()
+            firsts.append(arrivals[0])
+            rates.append(STEPS / (arrivals[-1] - arrivals[0]))
+        rates.sort()
+        firsts.sort()
+        tokenizer, options = loaded.codec.tokenizer, loaded.codec.options
+        engine = Engine(loaded.backend.infer, tokenizer, options)
+        request = parse({"prompt": PROMPT, "max_new_tokens": STEPS + 1}, tokenizer, options)
+        long = min(_timed(lambda: engine.generate(request)) for _ in range(rounds))
+        request.max_new_tokens = 1
+        short = min(_timed(lambda: engine.generate(request)) for _ in range(rounds))
+        ids = request.prompt_ids
+        with torch.no_grad():
+            prompt_pass = min(_timed(lambda: prefill(loaded.backend.infer, ids, 0, options.prefill_chunk,
+                                                     options.max_context)) for _ in range(rounds))
+        in_process_rate = STEPS / (long - short)
+        median = rates[len(rates) // 2]
+        report.add(f"decode tokens/s, 1 stream: {name} served (streamed) / in-process", median, in_process_rate,
+                   "tokens/s", True, target=0.9)
+        report.add(f"time to first token served / one prompt pass in-process ({name})", firsts[len(firsts) // 2] * 1000,
+                   prompt_pass * 1000, "ms", False)
+        return {"served_tokens_per_s": round(median, 2), "served_first_token_ms": round(firsts[len(firsts) // 2] * 1000, 1),
+                "prompt_pass_ms": round(prompt_pass * 1000, 1)}
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Text generation without a server: the decoder against transformers, the engine against ``generate``,
+sampling, streaming text and stop strings, request checks, folders refused, and one compiled graph."""
+
+import json
+
+import pytest
+import torch
+
+from aitune_core.archive import ArchiveOptions, archive_model
+from aitune_core.errors import ArchiveError, BadRequestError
+from aitune_core.generate.engine import Engine
+from aitune_core.generate.folder import load_decoder
+from aitune_core.generate.prepare import prepare
+from aitune_core.generate.request import GenerateOptions, parse
+from aitune_core.generate.sampling import SamplingParams, sample
+from aitune_core.generate.text import REPLACEMENT, Detokenizer, StopText
+from models.llm_folders import make_llm_folder, make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer(512)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("llms")
+    return {"llama": make_llm_folder(root / "llama", tokenizer=tokenizer),
+            "qwen2": make_llm_folder(root / "qwen2", architecture="qwen2", kv_heads=4, tokenizer=tokenizer, seed=1),
+            "mistral": make_llm_folder(root / "mistral", architecture="mistral", layers=3, tokenizer=tokenizer,
+                                       seed=2)}
+
+
+def hf_model(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "mistral"])
+def test_decoder_logits_equal_transformers(folders, architecture):
+    decoder, _ = load_decoder(folders[architecture], None, 2)
+    model = hf_model(folders[architecture])
+    ids = torch.randint(3, 500, (1, 37), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+        got = decoder(ids, torch.arange(37).unsqueeze(0), torch.tensor([1]))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_greedy_engine_equals_generate_token_for_token(folders, tokenizer, architecture):
+    prepared = prepare(folders[architecture], None, None)
+    engine = Engine(prepared.module, tokenizer, prepared.options)
+    model = hf_model(folders[architecture])
+    for prompt in ["x", "def f(a, b):\n    return", "for i in range(10):\n    print(i)\n" * 20]:
+        request = parse({"prompt": prompt, "max_new_tokens": 64}, tokenizer, prepared.options)
+        ids = torch.tensor([request.prompt_ids])
+        with torch.no_grad():
+            expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64,
+                                      do_sample=False)[0, ids.shape[1]:].tolist()
+        assert engine.generate(request).tokens == expected, prompt[:20]
+
+
+def test_sampling():
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.9])
+    assert sample(logits, SamplingParams(), None) == 1
+    assert sample(logits, SamplingParams(temperature=5.0, top_k=1), torch.Generator().manual_seed(0)) == 1
+    assert sample(logits, SamplingParams(temperature=5.0, top_p=0.01), torch.Generator().manual_seed(0)) == 1
+    draws = [sample(logits, SamplingParams(temperature=1.0, seed=3), SamplingParams(seed=3).generator())
+             for _ in range(3)]
+    assert len(set(draws)) == 1  # a seed repeats
+    many = {sample(logits, SamplingParams(temperature=2.0, top_k=2), torch.Generator().manual_seed(i)) for i in range(40)}
+    assert many == {1, 3}  # top_k keeps the two best
+
+
+def test_streamed_text_is_whole_characters(tokenizer):
+    text = "naïve café 中文 🎉 done"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text.split())  # byte-level: characters split across tokens
+    detokenizer = Detokenizer(tokenizer, [0])
+    pieces = [detokenizer.add(token) for token in ids] + [detokenizer.flush()]
+    assert "".join(pieces) == text
+    assert not any(REPLACEMENT in piece for piece in pieces)
+    assert sum(1 for piece in pieces if piece) > 3
+
+
+def test_stop_strings_across_pieces():
+    stop = StopText(["\n\n", "END"])
+    sent = [stop.add(piece) for piece in ["Hello", " wor", "ld\n", "\nmore"]]
+    assert "".join(piece for piece, _ in sent) == "Hello world" and sent[-1][1]
+    stop = StopText(["END"])
+    sent = [stop.add(piece) for piece in ["a E", "N", "x", "EN", "D tail"]]
+    assert "".join(piece for piece, _ in sent) == "a ENx" and sent[-1][1]
+    stop = StopText([])
+    assert stop.add("abc") == ("abc", False)
+
+
+def test_request_checks(tokenizer):
+    options = GenerateOptions(max_context=64, max_batch=2, prefill_chunk=16, eos_token_ids=[1])
+    request = parse("a prompt", tokenizer, options)
+    assert request.max_new_tokens == 64 - len(request.prompt_ids) and request.sampling.temperature == 0
+    for body, message in (({"prompt": "hi", "seed": -1}, "'seed' must be between"),
+                          ({"prompt": "hi", "top_k": 1.5}, "'top_k' must be an integer"),
+                          ({"prompt": "hi", "temperature": "hot"}, "'temperature' must be a number"),
+                          ({"prompt": "hi", "stop": ["a"] * 17}, "at most 16"),
+                          ({"prompt": "word " * 80}, "the archive's context holds 64 tokens"),
+                          ([1], "expected a JSON object with 'prompt'")):
+        with pytest.raises(BadRequestError, match=message.replace("(", r"\(")):
+            parse(body, tokenizer, options)
+
+
+def test_folders_that_cannot_be_served(folders, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(folders["llama"], tmp_path / "f")
+    config = json.loads((folder / "config.json").read_text())
+    for changes, message in (({"architectures": ["GPTNeoXForCausalLM"]}, "GPTNeoXForCausalLM is not served for text generation"),
+                             ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
+                              "changes with the sequence length"),
+                             ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported")):
+        (folder / "config.json").write_text(json.dumps({**config, **changes}))
+        with pytest.raises(ArchiveError, match=message):
+            load_decoder(folder, None, None)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ArchiveError, match="--max-context must be between 2 and the model's 512"):
+        load_decoder(folder, 4096, None)
+
+
+def test_gate_refuses_what_misses_it_and_the_archive_holds_no_cache(folders, tmp_path):
+    with pytest.raises(ArchiveError, match="Generation accuracy gate failed: top-1 agreement"):
+        archive_model(ArchiveOptions(model_name="g", hf_model=folders["llama"], quantization="int8wo",
+                                     min_top1=1.0, max_kl=0.0, export_path=tmp_path))
+    assert not list(tmp_path.iterdir())
+    result = archive_model(ArchiveOptions(model_name="g", hf_model=folders["llama"], backend="eager",
+                                          max_context=128, max_batch=2, export_path=tmp_path))
+    import zipfile
+
+    with zipfile.ZipFile(result.archive_path) as mar:
+        manifest = json.loads(mar.read("aitune_manifest.json"))
+        mar.extract("checkpoint.pt", tmp_path)
+    assert manifest["model"]["generate"]["max_context"] == 128 and manifest["request"]["codec"] == "generate"
+    assert manifest["request"]["gate"]["passed"] and manifest["request"]["gate"]["top1"] == 1.0
+
+    def keys(value):
+        if isinstance(value, dict):
+            return [str(key) for key in value] + [k for item in value.values() for k in keys(item)]
+        return [k for item in value for k in keys(item)] if isinstance(value, (list, tuple)) else []
+
+    stored = keys(torch.load(tmp_path / "checkpoint.pt", weights_only=True))
+    assert any(key.endswith("q_proj.weight") for key in stored) and "rope_inv_freq" in stored
+    assert not any("cache" in key for key in stored)  # the KV cache is allocated by the worker, never stored
+
+
+def test_compiled_decoder_never_recompiles(folders, tokenizer):
+    """One graph for every prompt length (chunks padded to one shape) and every number of live sequences."""
+    from torch._dynamo.utils import counters
+
+    from aitune_core.backends import make_backend
+    from aitune_core.graph_spec import GraphSpec
+    from aitune_core.serving import warm_up
+
+    prepared = prepare(folders["llama"], 256, 4)
+    spec, _ = GraphSpec.record(prepared.module, prepared.samples)
+    backend = make_backend("compile", ahead_of_time=False).build(prepared.module, spec, prepared.samples, "cpu")
+    warm_up(backend)  # what a worker does before its first request
+    frames = counters["stats"]["unique_graphs"]
+    engine = Engine(backend.infer, tokenizer, prepared.options)
+    for prompt in ["a", "def main():\n    return 0\n" * 12]:
+        engine.generate(parse({"prompt": prompt, "max_new_tokens": 5}, tokenizer, prepared.options))
+    for rows in (1, 3, 4):
+        backend.infer(torch.full((rows, 1), 5), torch.full((rows, 1), 7), torch.arange(rows))
+    assert counters["stats"]["unique_graphs"] == frames
