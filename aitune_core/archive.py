@@ -469,10 +469,13 @@ def _load_sample(path: Path) -> Sample:
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {**library_versions(), "aitune-torchserve": version("aitune-torchserve"),
-            "python": sys.version.split()[0]}
+    try:  # aitune_core run from a checkout that was not pip-installed (a bare GPU machine) has no record
+        project = version("aitune-torchserve")
+    except PackageNotFoundError:
+        project = "not installed"
+    return {**library_versions(), "aitune-torchserve": project, "python": sys.version.split()[0]}
 
 
 def handler_path() -> Path:

@@ -241,3 +241,25 @@ def test_codec_checks_each_request(folders):
                           ({"text": ["x" * 100_001]}, "text[0] has 100001 characters")):
         with pytest.raises(BadRequestError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
             codec.decode(body)
+
+
+def test_module_file_flags_work_with_a_folder(folders, tmp_path, capsys):
+    """--precision, --max-batch-size, --config-file and --kserve, from the command line, on a folder."""
+    config = tmp_path / "model-config.yaml"
+    config.write_text("batchSize: 4\nmaxBatchDelay: 20\nhandler:\n  torch_threads: 1\n")
+    argv = ["--model-name", "cls", "--hf-model", str(folders["text-classification"]), "--backend", "eager",
+            "--precision", "bf16", "--max-batch-size", "3", "--config-file", str(config),
+            "--export-path", str(tmp_path / "store"), "--kserve", str(tmp_path / "kserve")]
+    assert archive_main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "Task text-classification (read from the folder)" in out and "KServe layout in" in out
+    assert (tmp_path / "kserve" / "config" / "config.properties").is_file()
+    assert (tmp_path / "kserve" / "model-store" / "cls.mar").is_file()
+    with zipfile.ZipFile(tmp_path / "store" / "cls.mar") as mar:
+        mar.extractall(tmp_path / "cls")
+        assert "torch_threads: 1" in mar.read("model-config.yaml").decode()
+    model = load_model(tmp_path / "cls", torch.device("cpu"))
+    assert "precision='bf16'" in model.backend.describe()
+    [response] = answer_batch(model, [({"body": {"text": ["a", "b", "c", "d"]}}, JSON)])
+    assert response.status == 400 and "at most 3 per request" in response.json()["error"]
+    assert len(json.loads(served(tmp_path / "cls", {"text": ["a", "b", "c"]}).body)) == 3
