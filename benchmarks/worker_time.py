@@ -33,8 +33,12 @@ def measure(archives: dict[str, Path], body: list, calls: int) -> dict[str, floa
         return _measure(archives, body, calls, Path(unpacked_dir))
 
 
-def load_services(archives: dict[str, Path], unpacked_dir: Path) -> dict[str, Any]:
-    """Each archive unpacked and loaded as a worker loads it (TorchServe's ``TsModelLoader``)."""
+def load_services(archives: dict[str, Path], unpacked_dir: Path, gpu_id: int | None = None) -> dict[str, Any]:
+    """Each archive unpacked and loaded as a worker loads it (TorchServe's ``TsModelLoader``).
+
+    An archive may be a ``.mar`` or the folder ``--archive-format no-archive`` writes (loaded where it
+    is). ``gpu_id`` is what TorchServe hands a worker on a GPU host (None: the CPU).
+    """
     from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
     from ts.model_loader import TsModelLoader
     import ts
@@ -43,13 +47,16 @@ def load_services(archives: dict[str, Path], unpacked_dir: Path) -> dict[str, An
     metrics.initialize_cache()
     services = {}
     for name, archive in archives.items():
-        model_dir = unpacked_dir / name
-        with zipfile.ZipFile(archive) as unpacked:
-            unpacked.extractall(model_dir)
+        if Path(archive).is_dir():
+            model_dir = Path(archive).resolve()
+        else:
+            model_dir = unpacked_dir / name
+            with zipfile.ZipFile(archive) as unpacked:
+                unpacked.extractall(model_dir)
         handler = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())["model"]["handler"]
         sys.path.insert(0, str(model_dir))
         os.chdir(model_dir)  # TorchServe starts each worker in its model's folder
-        service = TsModelLoader().load(name, str(model_dir), handler, None, 1, None, True, metrics)
+        service = TsModelLoader().load(name, str(model_dir), handler, gpu_id, 1, None, True, metrics)
         service.set_cl_socket(None)
         services[name] = service
     return services
