@@ -163,7 +163,7 @@ def served(report: Report, work: Path, store: Path, name: str, loaded: Any, roun
                                {**server.auth_header("inference"), "Content-Type": "application/json"})
             response = connection.getresponse()
             arrivals = []
-            while data := response.read1(65536):
+            while response.read1(65536):
                 arrivals.append(time.perf_counter() - started)
             connection.close()
             firsts.append(arrivals[0])

@@ -22,7 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "benchmarks")]
 
-from cpu_speed import TEXTS, Report, machine, take_turns, texts  # noqa: E402
+from cpu_speed import Report, machine, take_turns, texts  # noqa: E402
 
 from aitune_core.archive import ArchiveOptions, archive_model  # noqa: E402
 from aitune_core.tune import TuneOptions  # noqa: E402

@@ -174,9 +174,3 @@ class Decoder(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, slots, positions, mask)
         return self.lm_head(self.model.norm(x))
-
-    def reset_cache(self) -> None:
-        """Zero every slot (a fresh worker's cache); never needed for correctness, see the module docstring."""
-        for layer in self.model.layers:
-            layer.self_attn.k_cache.zero_()
-            layer.self_attn.v_cache.zero_()
