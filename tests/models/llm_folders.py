@@ -1,43 +1,16 @@
-"""Small causal language model folders made the way a user's are: a byte-level BPE tokenizer trained here on
-Python's own standard library sources, a Llama-family config, weights (random, or a few minutes of training),
-``save_pretrained``. Loaded back by aitune-archive through the path a user's folder takes."""
+"""Small causal language model folders made the way a user's are: a byte-level BPE tokenizer trained on Python's
+own standard library sources (examples/llm/corpus.py), a Llama-family config, random weights, ``save_pretrained``.
+Loaded back by aitune-archive through the path a user's folder takes."""
 
 from __future__ import annotations
 
-import sysconfig
+import sys
 from pathlib import Path
 
 import torch
 
-SPECIAL = ["<s>", "</s>", "<pad>"]
-
-
-def stdlib_text(limit: int = 2_000_000) -> str:
-    """Text every machine has: the standard library's Python sources, in a fixed order."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    parts, size = [], 0
-    for path in sorted(root.glob("*.py")):
-        text = path.read_text(encoding="utf-8", errors="ignore")
-        parts.append(text)
-        size += len(text)
-        if size >= limit:
-            break
-    return "\n".join(parts)[:limit]
-
-
-def make_tokenizer(vocab_size: int = 512, text: str | None = None):
-    """A byte-level BPE tokenizer (every UTF-8 text encodes; characters split across tokens), BOS added."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator([text or stdlib_text(300_000)], trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "llm"))
+from corpus import make_tokenizer  # noqa: E402 (the tests' tokenizer is the example's)
 
 
 def make_llm_folder(out: Path, architecture: str = "llama", layers: int = 2, hidden: int = 64, heads: int = 4,
