@@ -133,16 +133,20 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
                            f"{type(error).__name__}: {error}") from None
 
     tuning: list[TuneReport] = []
-    if options.tune is None:
-        progress(f"Building {backend.name} on {target}"
-                 + (" (compiling ahead of time: a minute or more for a large model)"
-                    if backend.compile_settings and backend.compile_settings.ahead_of_time else ""))
-        slow = missing_support(options.precision, target)
-        if slow is not None:
-            progress(f"Note: {target} has no native {options.precision} (that needs {slow}): expect it slower than "
-                     "fp32 here; --tune leaves it out on such a device")
+    if options.tune is None or source.tune is not None:
+        if options.tune is not None:  # a source that ranks its own candidates (generation: decode tokens/s)
+            backend = source.tune(graph_spec, target, options.tune)
+        else:
+            progress(f"Building {backend.name} on {target}"
+                     + (" (compiling ahead of time: a minute or more for a large model)"
+                        if backend.compile_settings and backend.compile_settings.ahead_of_time else ""))
+            slow = missing_support(options.precision, target)
+            if slow is not None:
+                progress(f"Note: {target} has no native {options.precision} (that needs {slow}): expect it slower "
+                         "than fp32 here; --tune leaves it out on such a device")
         started = time.perf_counter()
-        backend.build(module, graph_spec, samples, target)
+        if options.tune is None:
+            backend.build(module, graph_spec, samples, target)
         if backend.compile_note:
             progress(f"Note: {backend.compile_note}")
         accuracy = compare_outputs(reference, [sample.run(backend.infer) for sample in samples])
@@ -226,6 +230,8 @@ class _Source:
     write_files: Callable[[Path], list[Path]]  # copies the model's files into a staging folder
     packages: list[str]  # what the worker imports beyond torch and the backend's own
     check_request: Callable[[Backend], dict[str, Any]] | None = None
+    # A source that ranks its own --tune candidates: (graph_spec, device, TuneOptions) -> the chosen, built backend
+    tune: Callable[[GraphSpec, torch.device, TuneOptions], Backend] | None = None
     # False: the logits' cosine is reported, the source's own gate decides (generation's top-1 and KL)
     cosine_gate: bool = True
 
@@ -300,11 +306,21 @@ def _generation_source(options: ArchiveOptions, progress: Callable[[str], None],
 
     if options.sample_texts is not None:
         raise ArchiveError("--sample-texts applies to the encoder tasks; text generation is gated on its held prompts")
-    if options.tune is not None:
-        raise ArchiveError("--tune does not rank text-generation candidates yet: choose with --quantization, "
-                           "--precision and --compile (docs/generate.md has measured figures for each)")
+    if options.tune is not None and (options.tune_devices or options.tune.strategy != "max-throughput"):
+        raise ArchiveError("--tune for text generation ranks decode tokens/s on --device: --tune-devices and "
+                           "--strategy do not apply")
     prepared = prepare(options.hf_model, options.max_context, options.max_batch)
     config = prepared.module.config
+
+    def tune(graph_spec: GraphSpec, device: torch.device, tune_options: TuneOptions) -> Backend:
+        from aitune_core.generate.tune import table, tune_generation
+
+        backend, rows, reason = tune_generation(prepared, graph_spec, device, tune_options.candidates,
+                                                options.min_top1, options.max_kl, progress)
+        progress(f"Tuning report on {device} (decode tokens/s at one stream, generation gate):\n{table(rows)}\n{reason}")
+        prepared.options.tuning = [row.to_dict() for row in rows]
+        return backend
+
     how = "" if options.task else " (read from the folder)"
     progress(f"Task text-generation{how}: {config.num_layers} layers, {config.hidden_size} hidden, "
              f"{sum(p.numel() for p in prepared.module.parameters()) / 1e6:.0f}M parameters; KV cache of "
@@ -313,7 +329,7 @@ def _generation_source(options: ArchiveOptions, progress: Callable[[str], None],
     return _Source(module=prepared.module, samples=prepared.samples, sample_names="a prompt chunk and a decode step",
                    model_section=prepared.model_section(), write_files=prepared.write_files, packages=packages,
                    check_request=lambda backend: prepared.check(backend, progress, options.min_top1, options.max_kl),
-                   cosine_gate=False)
+                   cosine_gate=False, tune=tune)
 
 
 def _tuning_files(reports: list[TuneReport]) -> dict[str, bytes]:

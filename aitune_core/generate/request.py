@@ -27,6 +27,7 @@ class GenerateOptions:
     max_new_tokens: int = 64  # when a request names none (capped by what its context leaves)
     max_prompt_chars: int = 1_000_000
     gate: dict[str, Any] | None = None  # the generation gate's figures at archive time
+    tuning: list[dict[str, Any]] | None = None  # --tune's table, one dict per candidate
 
     def to_dict(self) -> dict[str, Any]:
         return {"codec": "generate", **dataclasses.asdict(self)}

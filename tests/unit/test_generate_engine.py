@@ -171,3 +171,20 @@ def test_compiled_decoder_never_recompiles(folders, tokenizer):
     for rows in (1, 3, 4):
         backend.infer(torch.full((rows, 1), 5), torch.full((rows, 1), 7), torch.arange(rows))
     assert counters["stats"]["unique_graphs"] == frames
+
+
+def test_tune_ranks_generation_candidates_by_decode_rate_within_the_gate(folders, tmp_path, capsys):
+    from aitune_core.archive import main as archive_main
+
+    argv = ["--model-name", "tuned", "--hf-model", str(folders["llama"]), "--tune", "--candidates",
+            "eager,int8wo,int8dq", "--min-top1", "0.99", "--export-path", str(tmp_path), "--archive-format",
+            "no-archive"]
+    assert archive_main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "Tuning report on cpu (decode tokens/s at one stream, generation gate)" in out
+    manifest = json.loads((tmp_path / "tuned" / "aitune_manifest.json").read_text())
+    rows = {row["name"]: row for row in manifest["request"]["tuning"]}
+    assert set(rows) == {"eager", "int8wo", "int8dq"}
+    assert rows["eager"]["top1"] == 1.0 and rows["eager"]["tokens_per_s"] > 0
+    assert all(row["outcome"].startswith("out: generation gate") for name, row in rows.items() if name != "eager")
+    assert rows["eager"]["outcome"] == "chosen" and manifest["backend"] == "TorchEagerBackend"
