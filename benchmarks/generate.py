@@ -1,6 +1,7 @@
 """`make bench`, text generation: decode tokens/s of a 254M-parameter Llama shape (16 layers, 1024 hidden, 2816
-intermediate, GQA 16/8 heads, vocabulary 32000, random weights), one stream, against transformers' ``generate``
-fp32 eager in one process on the same folder (what TorchServe's Hugging Face handlers run).
+intermediate, GQA 16/8 heads, vocabulary 32000, random weights), one stream: the ``--tune``d archive and the
+eager fp32 one against transformers' ``generate`` fp32 eager in one process on the same folder (what
+TorchServe's Hugging Face handlers run); every candidate's rate from the tuning table.
 
 Contenders take turns (``cpu_speed.take_turns``); the noise floor is ``generate`` against a second copy of
 itself. A decode rate is 32 / (time of 33 new tokens - time of 1), so the prompt's pass is left out. Also:
@@ -30,7 +31,7 @@ from cpu_speed import Report, machine, take_turns  # noqa: E402
 from aitune_core.archive import ArchiveOptions, archive_model  # noqa: E402
 from aitune_core.generate.engine import Engine, prefill  # noqa: E402
 from aitune_core.generate.request import parse  # noqa: E402
-from aitune_core.precision import missing_support  # noqa: E402
+from aitune_core.tune import TuneOptions  # noqa: E402
 from aitune_core.serving import load_model  # noqa: E402
 from integration.torchserve import TorchServe  # noqa: E402
 from models.llm_folders import make_llm_folder, make_tokenizer  # noqa: E402
@@ -54,8 +55,9 @@ def _timed(call: Callable[[], Any]) -> float:
     return time.perf_counter() - started
 
 
-# Bytes of weight a format reads per parameter (int8: one byte, its per-channel scales are ~0.1% more).
-BYTES_PER_PARAMETER = {"eager": 4, "compile": 4, "int8wo+compile": 1, "bf16+compile": 2, "generate": 4}
+# Bytes of weight a format reads per parameter (int8, fp8: one byte, their per-channel scales are ~0.1% more).
+BYTES_PER_PARAMETER = {"eager": 4, "compile": 4, "bf16+compile": 2, "int8wo+compile": 1, "int8dq+compile": 1,
+                       "fp8wo+compile": 1, "generate": 4}
 
 
 def linear_parameters(module: torch.nn.Module) -> int:
@@ -75,27 +77,26 @@ def main() -> None:
         work = Path(tmp)
         print(f"Text generation on {machine()}", flush=True)
         folder = make_llm_folder(work / "llm", tokenizer=make_tokenizer(2000), spread=0.02, **shape)
-        candidates = {"eager": {"backend": "eager"}, "compile": {"backend": "compile"},
-                      "int8wo+compile": {"quantization": "int8wo", "compile": True}}
-        if missing_support("bf16", torch.device("cpu")) is None:
-            candidates["bf16+compile"] = {"backend": "compile", "precision": "bf16"}
         store = work / "store"
-        for name, changes in candidates.items():
+        archives = {"eager": {"backend": "eager"},
+                    "tuned": {"tune": TuneOptions(candidates=("eager", "compile") if args.quick else None)}}
+        for name, changes in archives.items():
             started = time.perf_counter()
-            archive_model(ArchiveOptions(model_name=name.replace("+", "_"), hf_model=folder, export_path=store,
+            archive_model(ArchiveOptions(model_name=name, hf_model=folder, export_path=store,
                                          archive_format="no-archive", max_batch=1, **changes),
                           progress=lambda line: print(f"  {line}", flush=True))
             details[f"archive_s {name}"] = round(time.perf_counter() - started, 1)
-        loaded = {name: load_model(store / name.replace("+", "_"), torch.device("cpu")) for name in candidates}
+        loaded = {name: load_model(store / name, torch.device("cpu")) for name in archives}
+        tuning = loaded["tuned"].codec.options.tuning
+        details["tuning"] = tuning
+        details["tuned_choice"] = next(row["name"] for row in tuning if row["outcome"] == "chosen")
         details["bandwidth_GBps"] = round(read_bandwidth(), 1)
-        details.update(in_process(report, folder, loaded, rounds, details["bandwidth_GBps"]))
-        best = max(candidates, key=lambda name: details["tokens_per_s"][name])
-        details["best"] = best
-        details.update(served(report, work, store, best.replace("+", "_"), loaded[best], rounds))
+        details.update(in_process(report, folder, loaded, rounds, details["bandwidth_GBps"], tuning))
+        details.update(served(report, work, store, "tuned", loaded["tuned"], rounds))
     args.out.mkdir(parents=True, exist_ok=True)
     text = (f"Text generation ({'quick' if args.quick else '254M Llama shape'}), {machine()}\n\n{report.markdown()}\n\n"
             f"Read bandwidth {details['bandwidth_GBps']} GB/s; decode tokens/s: {details['tokens_per_s']}; weights read "
-            f"GB/s: {details['weights_GBps']}; best archive {details['best']}\n")
+            f"GB/s: {details['weights_GBps']}; --tune chose {details['tuned_choice']}\n")
     (args.out / "generate.md").write_text(text)
     (args.out / "generate.json").write_text(json.dumps({"mode": "quick" if args.quick else "full",
                                                         "machine": machine(), "rows": report.rows,
@@ -103,7 +104,8 @@ def main() -> None:
     print(f"\n{text}")
 
 
-def in_process(report: Report, folder: Path, loaded: dict[str, Any], rounds: int, bandwidth: float) -> dict[str, Any]:
+def in_process(report: Report, folder: Path, loaded: dict[str, Any], rounds: int, bandwidth: float,
+               tuning: list[dict[str, Any]]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     references = [AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval() for _ in range(2)]
@@ -132,11 +134,15 @@ def in_process(report: Report, folder: Path, loaded: dict[str, Any], rounds: int
     rates = {name: STEPS / max(long_runs[name] - short_runs[name], 1e-9) for name in contenders}
     floor = rates["generate"] / rates["generate copy"]
     for name in loaded:
-        report.add(f"decode tokens/s, 1 stream, in-process: {name} / transformers generate fp32 eager", rates[name],
-                   rates["generate"], "tokens/s", True, target=1.1 if name != "eager" else None, floor=floor)
+        report.add(f"decode tokens/s, 1 stream, in-process: {name} archive / transformers generate fp32 eager",
+                   rates[name], rates["generate"], "tokens/s", True, target=1.1 if name == "tuned" else None,
+                   floor=floor)
     parameters = linear_parameters(references[0])
-    weights = {name: round(parameters * BYTES_PER_PARAMETER[name] * rates[name] / 1e9, 2)
-               for name in [*loaded, "generate"]}
+    # Each candidate's rate from --tune's table (timed there, best of three), the baseline's from above.
+    measured = {row["name"]: row["tokens_per_s"] for row in tuning if row["tokens_per_s"]}
+    measured["generate"] = rates["generate"]
+    weights = {name: round(parameters * BYTES_PER_PARAMETER[name] * rate / 1e9, 2) for name, rate in measured.items()
+               if name in BYTES_PER_PARAMETER}
     for name, gbps in weights.items():
         report.add(f"weights read per second: {name} / read bandwidth", gbps, bandwidth, "GB/s", True)
     prompt_pass = {name: short_runs[name] for name in loaded}
