@@ -59,6 +59,18 @@ class FolderSpec:
         return cls(**spec)
 
 
+def model_folder(folder: Path) -> Path:
+    """Where the transformers model lies: ``folder``, or the Transformer module's own folder that older
+    sentence-transformers layouts name in modules.json (``0_Transformer/``)."""
+    folder = Path(folder)
+    if (folder / "config.json").is_file() or not (folder / "modules.json").is_file():
+        return folder
+    for entry in _read_json(folder / "modules.json", "sentence-transformers' modules"):
+        if str(entry.get("type", "")).rsplit(".", 1)[-1] == "Transformer" and entry.get("path"):
+            return folder / entry["path"]
+    return folder
+
+
 def _read_json(path: Path, what: str) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -208,8 +220,9 @@ def _limit(tokenizer: Any, config: Any, folder: Path, task: str) -> int:
     limit = getattr(tokenizer, "model_max_length", None)
     if not isinstance(limit, int) or limit <= 0 or limit >= _UNSET_LIMIT:
         limit = min(getattr(config, "max_position_embeddings", _DEFAULT_LIMIT) or _DEFAULT_LIMIT, _DEFAULT_LIMIT)
-    bert_config = folder / "sentence_bert_config.json"
-    if task == "sentence-embeddings" and bert_config.is_file():
+    bert_config = next((path for path in (folder / "sentence_bert_config.json",
+                                          model_folder(folder) / "sentence_bert_config.json") if path.is_file()), None)
+    if task == "sentence-embeddings" and bert_config is not None:
         limit = min(limit, int(_read_json(bert_config, "sentence-transformers' config").get("max_seq_length") or limit))
     return limit
 
@@ -219,8 +232,8 @@ def task_of(folder: Path, task: str | None = None) -> str:
     folder = Path(folder)
     if not folder.is_dir():
         raise ArchiveError(f"--hf-model {folder} is not a folder")
-    task = _task_of(_config(folder), folder, task)
-    _weights_file(folder)
+    task = _task_of(_config(model_folder(folder)), folder, task)
+    _weights_file(model_folder(folder))
     return task
 
 
@@ -230,8 +243,8 @@ def read_folder(folder: Path, task: str | None = None) -> tuple[FolderSpec, Any,
     task = task_of(folder, task)
     if task == GENERATION:
         raise ArchiveError(f"{folder} holds a causal language model: read it with aitune_core.generate")
-    config = _config(folder)
-    tokenizer = load_tokenizer(folder)
+    config = _config(model_folder(folder))
+    tokenizer = load_tokenizer(model_folder(folder))
     architecture = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     spec = FolderSpec(task=task, architecture=architecture, max_tokens=_limit(tokenizer, config, folder, task))
     if task == "sentence-embeddings":
@@ -262,11 +275,12 @@ def load_module(folder: Path, spec: FolderSpec) -> torch.nn.Module:
 
     auto = getattr(transformers, TASK_HEADS[spec.task][1])
     try:
-        model, info = auto.from_pretrained(folder, local_files_only=True, trust_remote_code=False, dtype=torch.float32,
+        model, info = auto.from_pretrained(model_folder(folder), local_files_only=True, trust_remote_code=False,
+                                           dtype=torch.float32,
                                            weights_only=True, output_loading_info=True)
     except Exception as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        weights = _weights_file(folder)
+        weights = _weights_file(model_folder(folder))
         if weights.suffix == ".bin" or weights.name.endswith(".bin.index.json"):
             raise ArchiveError(f"{weights} cannot be read with torch.load(weights_only=True) (or does not fit the "
                                f"config): {reason}") from None

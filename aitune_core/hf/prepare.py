@@ -17,7 +17,7 @@ import torch
 
 from aitune_core.graph_spec import Sample
 from aitune_core.hf.codec import HFCodec, HFOptions
-from aitune_core.hf.folder import FolderSpec, load_module, read_folder
+from aitune_core.hf.folder import FolderSpec, load_module, model_folder, read_folder
 from aitune_core.hf.texts import SAMPLE_TEXTS, read_sample_texts, with_one_mask
 from aitune_core.hf.answers import score_function
 
@@ -48,7 +48,7 @@ class Prepared:
     def write_files(self, directory: Path) -> list[Path]:
         """config.json and the tokenizer's files, written into ``directory`` (flat, as the archive holds them)."""
         config = directory / "config.json"
-        shutil.copyfile(self.folder / "config.json", config)
+        shutil.copyfile(model_folder(self.folder) / "config.json", config)
         saved = self.codec.tokenizer.save_pretrained(str(directory))
         return [config, *sorted({Path(path) for path in saved if Path(path).is_file()})]
 

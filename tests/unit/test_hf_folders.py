@@ -263,3 +263,24 @@ def test_module_file_flags_work_with_a_folder(folders, tmp_path, capsys):
     [response] = answer_batch(model, [({"body": {"text": ["a", "b", "c", "d"]}}, JSON)])
     assert response.status == 400 and "at most 3 per request" in response.json()["error"]
     assert len(json.loads(served(tmp_path / "cls", {"text": ["a", "b", "c"]}).body)) == 3
+
+
+def test_older_sentence_transformers_layout_with_the_model_in_0_transformer(folders, tmp_path):
+    """modules.json naming ``0_Transformer/`` (older sentence-transformers folders): the same embeddings."""
+    import shutil
+
+    flat = add_sentence_transformers_modules(copy(folders["sentence-embeddings"], tmp_path, "flat"), pooling="mean")
+    nested = copy(flat, tmp_path, "nested")
+    (nested / "0_Transformer").mkdir()
+    for path in list(nested.iterdir()):
+        if path.is_file() and path.name not in ("modules.json", "sentence_bert_config.json"):
+            shutil.move(str(path), nested / "0_Transformer" / path.name)
+    modules = json.loads((nested / "modules.json").read_text())
+    modules[0]["path"] = "0_Transformer"
+    (nested / "modules.json").write_text(json.dumps(modules))
+    answers = {}
+    for name, folder in (("flat", flat), ("nested", nested)):
+        archive_model(ArchiveOptions(model_name=name, hf_model=folder, backend="eager", export_path=tmp_path / "store",
+                                     archive_format="no-archive"))
+        answers[name] = json.loads(served(tmp_path / "store" / name, {"text": SAMPLE_TEXTS[:4]}).body)["embeddings"]
+    assert answers["nested"] == answers["flat"]
