@@ -134,8 +134,9 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
 
     tuning: list[TuneReport] = []
     if options.tune is None or source.tune is not None:
+        tuned_build_s = 0.0
         if options.tune is not None:  # a source that ranks its own candidates (generation: decode tokens/s)
-            backend = source.tune(graph_spec, target, options.tune)
+            backend, tuned_build_s = source.tune(graph_spec, target, options.tune)
         else:
             progress(f"Building {backend.name} on {target}"
                      + (" (compiling ahead of time: a minute or more for a large model)"
@@ -150,7 +151,7 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
         if backend.compile_note:
             progress(f"Note: {backend.compile_note}")
         accuracy = compare_outputs(reference, [sample.run(backend.infer) for sample in samples])
-        build_seconds = time.perf_counter() - started  # with the first calls, which compile at start
+        build_seconds = time.perf_counter() - started + tuned_build_s  # with the first calls, which compile at start
         quant = quantization_of(backend)
         min_cosine = min_cosine_for(quant, options.min_cosine)
         progress(f"Accuracy against the original: cosine {accuracy.cosine:.6f}, max abs error {accuracy.max_abs_error:.3g}")
@@ -230,8 +231,9 @@ class _Source:
     write_files: Callable[[Path], list[Path]]  # copies the model's files into a staging folder
     packages: list[str]  # what the worker imports beyond torch and the backend's own
     check_request: Callable[[Backend], dict[str, Any]] | None = None
-    # A source that ranks its own --tune candidates: (graph_spec, device, TuneOptions) -> the chosen, built backend
-    tune: Callable[[GraphSpec, torch.device, TuneOptions], Backend] | None = None
+    # A source that ranks its own --tune candidates: (graph_spec, device, TuneOptions) -> the chosen backend, built,
+    # and the seconds its build took
+    tune: Callable[[GraphSpec, torch.device, TuneOptions], tuple[Backend, float]] | None = None
     # False: the logits' cosine is reported, the source's own gate decides (generation's top-1 and KL)
     cosine_gate: bool = True
 
@@ -312,14 +314,14 @@ def _generation_source(options: ArchiveOptions, progress: Callable[[str], None],
     prepared = prepare(options.hf_model, options.max_context, options.max_batch)
     config = prepared.module.config
 
-    def tune(graph_spec: GraphSpec, device: torch.device, tune_options: TuneOptions) -> Backend:
+    def tune(graph_spec: GraphSpec, device: torch.device, tune_options: TuneOptions) -> tuple[Backend, float]:
         from aitune_core.generate.tune import table, tune_generation
 
         backend, rows, reason = tune_generation(prepared, graph_spec, device, tune_options.candidates,
                                                 options.min_top1, options.max_kl, progress)
         progress(f"Tuning report on {device} (decode tokens/s at one stream, generation gate):\n{table(rows)}\n{reason}")
         prepared.options.tuning = [row.to_dict() for row in rows]
-        return backend
+        return backend, next(row.build_s for row in rows if row.outcome == "chosen")
 
     how = "" if options.task else " (read from the folder)"
     progress(f"Task text-generation{how}: {config.num_layers} layers, {config.hidden_size} hidden, "

@@ -1,7 +1,7 @@
 """A Llama-family decoder with a static KV cache: one forward is one prompt chunk or one decode step.
 
 Written for generation in the style of gpt-fast: plain modules, the KV cache allocated once as
-``[max_batch, max_context, kv_heads, head_dim]`` buffers per layer (never saved in a checkpoint), and
+``[max_batch, kv_heads, max_context, head_dim]`` buffers per layer (never saved in a checkpoint), and
 ``forward(tokens, positions, slots)``:
 
 - ``tokens``, ``positions``: ``[batch, length]``: a prompt chunk (batch 1) or one decode step (length 1)
@@ -81,7 +81,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(heads * head_dim, config.hidden_size, bias=config.attention_out_bias)
-        shape = (config.max_batch, config.max_context, kv_heads, head_dim)
+        shape = (config.max_batch, kv_heads, config.max_context, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
 
@@ -94,25 +94,25 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, length, self.config.num_kv_heads, head_dim)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        # One flat index per (slot, position): index_copy_ keeps the batch size symbolic where a two-tensor
-        # index_put would make dynamo specialize it.
-        flat = (slots.unsqueeze(1) * self.config.max_context + positions).reshape(-1)
+        # One flat index per (slot, kv head, position): index_copy_ keeps the batch size symbolic where a
+        # multi-tensor index_put would make dynamo specialize it.
+        kv_heads, heads, context = self.config.num_kv_heads, self.config.num_heads, self.config.max_context
+        rows = slots.view(-1, 1, 1) * kv_heads + torch.arange(kv_heads, device=slots.device).view(1, -1, 1)
+        flat = (rows * context + positions.unsqueeze(1)).reshape(-1)  # [batch * kv_heads * length]
         for cache, new in ((self.k_cache, k), (self.v_cache, v)):
-            cache.view(-1, *cache.shape[2:]).index_copy_(0, flat, new.reshape(-1, *new.shape[2:]).to(cache.dtype))
-        keys = self.k_cache[slots].to(q.dtype)  # [batch, context, kv_heads, head_dim]
-        values = self.v_cache[slots].to(q.dtype)
-        # Attention written out (each kv head serves a group of query heads): inductor compiles it for any
-        # batch and length, where its lowering of the CPU flash-attention kernel with a mask does not.
-        # bmm over explicit expands, never broadcasting matmuls, whose decomposition specializes sizes of 1.
-        kv_heads, heads, context = self.config.num_kv_heads, self.config.num_heads, keys.shape[1]
+            cache.view(-1, head_dim).index_copy_(0, flat, new.transpose(1, 2).reshape(-1, head_dim).to(cache.dtype))
+        # [batch * kv_heads, context, head_dim] with no copy but the slots' gather: the query heads that share a
+        # kv head go together as rows of one bmm, so the cache is never repeated per head.
+        keys = self.k_cache[slots].view(-1, context, head_dim).to(q.dtype)
+        values = self.v_cache[slots].view(-1, context, head_dim).to(q.dtype)
         group = heads // kv_heads
-        q = q.view(batch, length, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4).reshape(-1, length, head_dim)
-        keys = keys.permute(0, 2, 3, 1).unsqueeze(2).expand(batch, kv_heads, group, head_dim, context)
-        values = values.permute(0, 2, 1, 3).unsqueeze(2).expand(batch, kv_heads, group, context, head_dim)
-        scores = torch.bmm(q, keys.reshape(-1, head_dim, context)) * head_dim ** -0.5  # [b*heads, len, context]
-        scores = scores.view(batch, heads, length, context).masked_fill(~mask, float("-inf")).softmax(dim=-1)
-        out = torch.bmm(scores.view(-1, length, context), values.reshape(-1, context, head_dim))
-        return self.o_proj(out.view(batch, heads, length, head_dim).transpose(1, 2).reshape(batch, length, -1))
+        q = q.view(batch, length, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4).reshape(-1, group * length,
+                                                                                              head_dim)
+        scores = torch.bmm(q, keys.transpose(1, 2)) * head_dim ** -0.5  # [batch * kv, group * length, context]
+        scores = scores.view(batch, kv_heads, group, length, context).masked_fill(~mask.unsqueeze(1), float("-inf"))
+        out = torch.bmm(scores.softmax(dim=-1).view(-1, group * length, context), values)
+        out = out.view(batch, kv_heads, group, length, head_dim).permute(0, 3, 1, 2, 4)
+        return self.o_proj(out.reshape(batch, length, -1))
 
 
 class MLP(nn.Module):

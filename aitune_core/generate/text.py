@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 REPLACEMENT = "\ufffd"
+MAX_HELD = 4
 
 
 class Detokenizer:
@@ -29,7 +30,9 @@ class Detokenizer:
         self.ids.append(token)
         before = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
         after = self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=True)
-        if len(after) > len(before) and not after.endswith(REPLACEMENT):
+        # A UTF-8 character spans at most 4 bytes: past that many held tokens the bytes are invalid, not
+        # incomplete (a model can emit them), and are sent as they decode rather than holding the stream.
+        if len(after) > len(before) and (not after.endswith(REPLACEMENT) or len(self.ids) - self.read >= MAX_HELD):
             self.prefix, self.read = self.read, len(self.ids)
             return after[len(before):]
         return ""
