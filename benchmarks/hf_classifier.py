@@ -22,11 +22,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "benchmarks")]
 
-from cpu_speed import Report, machine, take_turns, texts  # noqa: E402
+from cpu_speed import Report, machine, take_turns, text_requests, texts  # noqa: E402
 
 from aitune_core.archive import ArchiveOptions, archive_model  # noqa: E402
 from aitune_core.tune import TuneOptions  # noqa: E402
-from integration.load import KeepAliveConnection, post_request  # noqa: E402
+from integration.load import KeepAliveConnection  # noqa: E402
 from integration.torchserve import TorchServe  # noqa: E402
 from models.hf_folders import BERT_BASE, TINY, make_folder  # noqa: E402
 
@@ -76,13 +76,7 @@ def served(report: Report, work: Path, store: Path, folder: Path, rounds: int) -
         connection = KeepAliveConnection(server.inference_port, timeout=600)
 
         def request(name: str, size: int) -> Callable[[], Any]:
-            bodies = [post_request(server, name, json.dumps({"text": texts(size, i)}).encode()) for i in range(64)]
-            counter = iter(range(10**9))
-
-            def send() -> None:
-                status, body = connection.post(bodies[next(counter) % len(bodies)])
-                assert status == 200, body[:300]
-            return send
+            return text_requests(server, connection, name, size)
 
         def in_process(which: int, size: int, batch_size: int) -> Callable[[], Any]:
             counter = iter(range(10**9))
