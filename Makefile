@@ -47,6 +47,7 @@ bench: venv
 	$(BIN)/python benchmarks/cpu_speed.py
 	$(BIN)/python benchmarks/served_split.py
 	$(BIN)/python benchmarks/hf_classifier.py
+	$(BIN)/python benchmarks/kernels.py
 	$(BIN)/python benchmarks/generate.py
 
 bench-quick: venv
@@ -54,6 +55,7 @@ bench-quick: venv
 	$(BIN)/python benchmarks/cpu_speed.py --quick
 	$(BIN)/python benchmarks/served_split.py --quick
 	$(BIN)/python benchmarks/hf_classifier.py --quick
+	$(BIN)/python benchmarks/kernels.py --quick
 	$(BIN)/python benchmarks/generate.py --quick
 
 # On a GPU machine, with .whl/ from scripts/gpu_wheels.sh beside it; no venv, no Java (docs/gpu.md).

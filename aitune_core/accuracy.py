@@ -10,7 +10,8 @@ import torch
 from aitune_core.graph_spec import flatten_tensors
 
 # Lowest cosine similarity to the fp32 outputs that an archive may have, per quantization.
-DEFAULT_MIN_COSINE = {"eager": 0.9999, "int8wo": 0.999, "int8dq": 0.99, "fp8wo": 0.999, "fp8dq": 0.99}
+DEFAULT_MIN_COSINE = {"eager": 0.9999, "int8wo": 0.999, "int4wo": 0.99, "int8dq": 0.99, "fp8wo": 0.999,
+                      "fp8dq": 0.99}
 CUSTOM_CONFIG_MIN_COSINE = 0.99
 
 

@@ -612,7 +612,8 @@ def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
                         help="torch.save file: a tensor, a tuple/list of tensors, or (args tuple, kwargs dict); "
                              "repeat it: a dim whose size differs between samples is dynamic when served")
     parser.add_argument("--backend", default="torchao", choices=sorted(BACKEND_NAMES))
-    parser.add_argument("--quantization", choices=sorted(QUANTIZATIONS), help="torchao only; default int8wo")
+    parser.add_argument("--quantization", choices=sorted(QUANTIZATIONS),
+                        help="torchao: any (default int8wo); weight-only: int8wo or int4wo (this project's CPU kernels)")
     parser.add_argument("--compile", action="store_true",
                         help="compile the (quantized) module with inductor, ahead of time by default")
     parser.add_argument("--compile-at", default="archive", choices=COMPILE_AT,

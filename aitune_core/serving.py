@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -105,7 +106,7 @@ def warm_up(backend: Backend) -> list[str]:
     if not backend.compiles_on_first_calls:
         for sample in (samples[0].with_rows(1), samples[0]):
             sample.run(backend.infer)
-        return notes
+        return notes + _kernel_notes()
     from torch._dynamo.utils import counters
 
     inductor = counters["inductor"]
@@ -115,7 +116,14 @@ def warm_up(backend: Backend) -> list[str]:
         sample.run(backend.infer)
     inductor = counters["inductor"]  # dynamo may have replaced the counter while compiling
     return notes + [f"compiled in {time.perf_counter() - started:.1f} s ({inductor['fxgraph_cache_hit'] - hits} "
-                    f"graphs from the inductor cache, {inductor['fxgraph_cache_miss'] - misses} compiled anew)"]
+                    f"graphs from the inductor cache, {inductor['fxgraph_cache_miss'] - misses} compiled anew)"] \
+        + _kernel_notes()
+
+
+def _kernel_notes() -> list[str]:
+    """Which weight-only products the warm-up ran, when the backend's layers use this project's kernels."""
+    kernels = sys.modules.get("aitune_core.kernels.build")
+    return [f"weight-only products: {kernels.describe()}"] if kernels is not None and kernels.tried() else []
 
 
 def answer_batch(model: LoadedModel, requests: list[tuple[dict[str, Any], dict[str, Any] | None]],

@@ -1,7 +1,8 @@
 """Tuning: build every candidate backend, gate its accuracy, time it, and pick one by a strategy.
 
-Candidates: eager, compile (inductor, ahead of time), a precision (bf16, fp16) and a torchao
-quantization, each with and without +compile, and quantizations combined with a precision. A
+Candidates: eager, compile (inductor, ahead of time), a precision (bf16, fp16), a torchao quantization
+and this project's CPU weight-only kernels (int8wo-cpu, int4wo-cpu), each with and without +compile, and
+quantizations combined with a precision. A
 candidate the device cannot run fast (bf16 on a CPU without AMX/AVX-512 BF16, fp8dq below compute
 capability 8.9) is out with what it needs. Every candidate meets one accuracy gate (``--min-cosine``,
 default 0.999), so tuning never buys speed with accuracy the user did not choose to give; a compiled
@@ -37,6 +38,7 @@ from aitune_core.backends.torchao import (
     TorchAOBackend,
     TorchAOBackendConfig,
 )
+from aitune_core.backends.weight_only import WEIGHT_FORMATS, WeightOnlyBackend, WeightOnlyBackendConfig
 from aitune_core.checkpoint import CHECKPOINT_NAME
 from aitune_core.errors import UnsupportedDeviceError
 from aitune_core.float_layers import float_layers_for_gate
@@ -52,6 +54,9 @@ COMPILED = "+compile"
 TUNE_MIN_COSINE = 0.999  # the one accuracy gate of every candidate, unless --min-cosine says otherwise
 # Quantizations worth combining with a precision (torchao's int8 paths take bf16/fp16 activations).
 MIXED_QUANTIZATIONS = ("int8wo", "int8dq")
+OPT_IN_QUANTIZATION = "int4wo"  # int4wo and int4wo-cpu
+# This project's CPU weight-only kernels (the weight-only backend), by candidate name.
+KERNEL_QUANTIZATIONS = {f"{name}-cpu": weight_format for name, weight_format in WEIGHT_FORMATS.items()}
 
 
 @dataclasses.dataclass
@@ -61,7 +66,7 @@ class TuneOptions:
     strategy: str = "max-throughput"
     budget_ms: float | None = None
     batch_sizes: tuple[int, ...] = (1, 8, 32)
-    candidates: tuple[str, ...] | None = None  # names from candidate_names(); None: all the device can run
+    candidates: tuple[str, ...] | None = None  # names from candidate_names(); None: default_candidate_names()
     repeats: int = 20
     max_seconds: float = 1.5  # per candidate and batch size, after warm-up; at least 3 timed calls
     min_gain: float = 0.05
@@ -88,9 +93,16 @@ class Candidate:
 def candidate_names() -> list[str]:
     """Every candidate name, each uncompiled one just before its +compile twin: eager, compile, bf16,
     bf16+compile, fp16, ..., int8wo, int8wo+compile, ..., then int8wo+bf16+compile and the like."""
-    bases = [*PRECISIONS, *QUANTIZATIONS]
+    bases = [*PRECISIONS, *QUANTIZATIONS, *KERNEL_QUANTIZATIONS]
     names = [EAGER, "compile"] + [f"{base}{suffix}" for base in bases for suffix in ("", COMPILED)]
     return names + [f"{q}+{p}{COMPILED}" for q in MIXED_QUANTIZATIONS for p in PRECISIONS]
+
+
+def default_candidate_names() -> list[str]:
+    """What ``--tune`` tries when ``--candidates`` is not given: every candidate but int4wo, which is tried only
+    when named (torchao's CPU int4 kernel reads its weights several times slower than an fp32 matmul on the
+    CPUs measured, docs/benchmarks.md, and int4 rarely holds an encoder's 0.999 cosine)."""
+    return [name for name in candidate_names() if not name.startswith(OPT_IN_QUANTIZATION)]
 
 
 def parse_candidate(name: str) -> tuple[str | None, str | None, bool]:
@@ -100,7 +112,7 @@ def parse_candidate(name: str) -> tuple[str | None, str | None, bool]:
     parts = [part for part in name.split("+") if part != EAGER]
     compiled = parts[-1:] == ["compile"]
     parts = parts[:-1] if compiled else parts
-    quantization = next((part for part in parts if part in QUANTIZATIONS), None)
+    quantization = next((part for part in parts if part in QUANTIZATIONS or part in KERNEL_QUANTIZATIONS), None)
     precision = next((part for part in parts if part in PRECISIONS), None)
     return quantization, precision, compiled
 
@@ -108,6 +120,10 @@ def parse_candidate(name: str) -> tuple[str | None, str | None, bool]:
 def make_candidate(name: str, skip_modules: list[str] | None = None) -> Candidate:
     """The candidate called ``name`` (see candidate_names); a quantization leaves ``skip_modules`` in float."""
     quantization, precision, compiled = parse_candidate(name)
+    if quantization in KERNEL_QUANTIZATIONS:
+        weight_format = KERNEL_QUANTIZATIONS[quantization]
+        return Candidate(name, lambda: WeightOnlyBackend(WeightOnlyBackendConfig(
+            weight_format=weight_format, compile=compiled, skip_modules=list(skip_modules or []))))
     if quantization is not None:
         return Candidate(name, lambda: TorchAOBackend(TorchAOBackendConfig(
             quantization=quantization, precision=precision, compile=compiled, skip_modules=list(skip_modules or []))))
@@ -366,7 +382,7 @@ def tune(module: torch.nn.Module, graph_spec: GraphSpec, samples: list[Sample], 
          progress: Callable[[str], None] = logger.info) -> TuneReport:
     """Measure every candidate on ``device`` against ``reference`` (the original's outputs) and choose."""
     if candidates is None:
-        names = list(options.candidates or candidate_names())
+        names = list(options.candidates or default_candidate_names())
         candidates = [make_candidate(name) for name in ([EAGER] + [n for n in names if n != EAGER])]
     elif not any(c.name == EAGER for c in candidates):
         candidates = [make_candidate(EAGER), *candidates]
@@ -401,11 +417,10 @@ def keep_layers_in_float(name: str, missed: CandidateResult, module: torch.nn.Mo
                          min_cosine: float | None, progress: Callable[[str], None]) -> CandidateResult:
     """``name`` measured again with its costliest layers kept in float, or ``missed`` when that does not
     pass the gate either. Layer costs are measured without compiling (compiling does not change them)."""
-    quantization, precision, _ = parse_candidate(name)
     progress(f"  {name}: {missed.outcome.removeprefix('out: ')}: keeping its costliest layers in float")
 
     def make(skip: list[str]) -> Backend:
-        return TorchAOBackend(TorchAOBackendConfig(quantization=quantization, precision=precision, skip_modules=skip))
+        return make_candidate(name.removesuffix(COMPILED), skip).make()
 
     found = float_layers_for_gate(make, module, graph_spec, samples, reference, device, missed.min_cosine, progress)
     if found is None:

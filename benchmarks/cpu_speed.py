@@ -116,6 +116,17 @@ class Report:
         return "\n".join(lines)
 
 
+def read_bandwidth() -> float:
+    """GB/s of summing a 512 MB fp32 tensor (best of 5): what reading weights from memory can reach."""
+    data = torch.ones(128 * 1024 * 1024)
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - started)
+    return data.numel() * 4 / best / 1e9
+
+
 def machine() -> str:
     features = cpu_features()
     matrix = [name for name in ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_fp16", "avx512_vnni") if features.get(name)]

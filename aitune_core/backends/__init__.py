@@ -13,10 +13,12 @@ from typing import Any
 from aitune_core.backend import Backend
 
 # CLI name -> class name; class name -> the module that defines it.
-BACKEND_NAMES = {"eager": "TorchEagerBackend", "compile": "TorchCompileBackend", "torchao": "TorchAOBackend"}
+BACKEND_NAMES = {"eager": "TorchEagerBackend", "compile": "TorchCompileBackend", "torchao": "TorchAOBackend",
+                 "weight-only": "WeightOnlyBackend"}
 BACKEND_MODULES = {"TorchEagerBackend": "aitune_core.backends.eager",
                    "TorchCompileBackend": "aitune_core.backends.compile",
-                   "TorchAOBackend": "aitune_core.backends.torchao"}
+                   "TorchAOBackend": "aitune_core.backends.torchao",
+                   "WeightOnlyBackend": "aitune_core.backends.weight_only"}
 # Names this package gives on first use: each backend class, its config class, torchao's QUANTIZATIONS.
 _LAZY = {**BACKEND_MODULES, **{f"{name}Config": module for name, module in BACKEND_MODULES.items()},
          "QUANTIZATIONS": BACKEND_MODULES["TorchAOBackend"]}
@@ -31,12 +33,20 @@ def backend_class(class_name: str) -> type[Backend]:
 
 def make_backend(name: str, quantization: str | None = None, checkpoint_weights: str = "quantized",
                  compile: bool = False, precision: str | None = None, ahead_of_time: bool = True) -> Backend:
-    """A fresh backend (INIT) from the CLI's words: ``eager``, ``compile`` or ``torchao`` + a quantization.
+    """A fresh backend (INIT) from the CLI's words: ``eager``, ``compile``, ``torchao`` + a quantization, or
+    ``weight-only`` + int8wo / int4wo (this project's CPU kernels).
 
     ``compile`` compiles the module (torchao's quantized one too); ``precision`` runs it in bf16/fp16.
     """
     if name not in BACKEND_NAMES:
         raise ValueError(f"Unknown backend {name!r}: expected one of {', '.join(BACKEND_NAMES)}")
+    if name == "weight-only":
+        from aitune_core.backends.weight_only import WeightOnlyBackend, WeightOnlyBackendConfig, weight_format_for
+
+        if precision is not None:
+            raise ValueError(f"The weight-only backend runs in fp32; got precision {precision!r}")
+        return WeightOnlyBackend(WeightOnlyBackendConfig(weight_format=weight_format_for(quantization or "int8wo"),
+                                                         compile=compile, ahead_of_time=ahead_of_time))
     if name != "torchao":
         if quantization is not None:
             raise ValueError(f"The {name} backend does not quantize; got quantization {quantization!r}")
@@ -59,6 +69,9 @@ def quantization_of(backend: Backend) -> str | None:
     torchao_backends = sys.modules.get("aitune_core.backends.torchao")  # not imported: not a TorchAOBackend
     if torchao_backends is not None and isinstance(backend, torchao_backends.TorchAOBackend):
         return torchao_backends.quantization_name(backend.config.quantization_config)
+    weight_only = sys.modules.get("aitune_core.backends.weight_only")
+    if weight_only is not None and isinstance(backend, weight_only.WeightOnlyBackend):
+        return f"{backend.config.weight_format}wo"
     return None
 
 

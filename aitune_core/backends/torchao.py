@@ -24,6 +24,7 @@ from torchao.quantization import (
     Int8WeightOnlyConfig,
     quantize_,
 )
+from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
 
 from aitune_core.backend import Backend, BackendConfig, changed_fields
 from aitune_core.compilation import CompileSettings
@@ -40,7 +41,12 @@ QUANTIZATIONS: dict[str, type[AOBaseConfig]] = {
     "int8dq": Int8DynamicActivationInt8WeightConfig,
     "fp8wo": Float8WeightOnlyConfig,
     "fp8dq": Float8DynamicActivationFloat8WeightConfig,
+    # torchao 0.18's int4 weight-only kernel for CPUs (torch._weight_int4pack_mm_for_cpu); its
+    # Int4WeightOnlyConfig formats need the mslk package or a CUDA GPU with bf16.
+    "int4wo": PrototypeInt4WeightOnlyConfig,
 }
+INT4_CPU_MODULE = "torchao.prototype.quantization.int4"
+INT4_CPU_OUT_TILE = 16
 DEFAULT_QUANTIZATION = "int8wo"
 CHECKPOINT_WEIGHTS = ("quantized", "original")
 # fp8 matmuls with dynamically quantized activations need Ada/Hopper tensor cores.
@@ -48,7 +54,7 @@ FP8_DYNAMIC_MIN_CAPABILITY = (8, 9)
 
 
 def quantization_config_for(name: str) -> AOBaseConfig:
-    """The torchao config behind a short name (int8wo, int8dq, fp8wo, fp8dq)."""
+    """The torchao config behind a short name (int8wo, int4wo, int8dq, fp8wo, fp8dq)."""
     if name not in QUANTIZATIONS:
         raise ValueError(f"Unknown quantization {name!r}: expected one of {', '.join(QUANTIZATIONS)}")
     return QUANTIZATIONS[name]()
@@ -152,10 +158,12 @@ def load_torchao_config(config_dict: dict[str, Any]) -> AOBaseConfig:
 
     torchao 0.18 searches a *set* of modules, so the order changes with each process's hash
     seed; when ``torchao.prototype.parq`` comes first it imports transformers (~2 s on a worker
-    start) before finding a class that torchao.quantization has.
+    start) before finding a class that torchao.quantization has. torchao's CPU int4 config
+    (int4wo here) lives in a prototype module its list does not name: it is added.
     """
     original = torchao_config.ALLOWED_AO_MODULES
-    torchao_config.ALLOWED_AO_MODULES = sorted(original, key=lambda name: ("prototype" in name, name))
+    allowed = set(original) | {INT4_CPU_MODULE}
+    torchao_config.ALLOWED_AO_MODULES = sorted(allowed, key=lambda name: ("prototype" in name, name))
     try:
         return config_from_dict(config_dict)
     finally:
@@ -164,6 +172,12 @@ def load_torchao_config(config_dict: dict[str, Any]) -> AOBaseConfig:
 
 def check_device_can_run(config: AOBaseConfig, device: torch.device) -> None:
     """UnsupportedDeviceError when ``device`` cannot run ``config``, with what it needs."""
+    if isinstance(config, PrototypeInt4WeightOnlyConfig) and torch.device(device).type != "cpu":
+        raise UnsupportedDeviceError(
+            f"Quantization int4wo (torchao's CPU int4 kernel, {type(config).__name__}) cannot run on {device}: "
+            "it needs a CPU; on a CUDA GPU pass torchao's Int4WeightOnlyConfig(int4_packing_format="
+            "'tile_packed_to_4d') as the quantization config, with --precision bf16"
+        )
     if not isinstance(config, Float8DynamicActivationFloat8WeightConfig):
         return
     capability = cuda_capability(device)
@@ -186,15 +200,32 @@ def check_torchao_compatible(written_by: str) -> None:
         )
 
 
-def _linear_outside(skipped: set[str]):
-    """quantize_'s filter: every nn.Linear whose name is not in ``skipped``."""
+def kernel_cannot_take(config: AOBaseConfig, layer: torch.nn.Linear) -> str | None:
+    """Why torchao's kernel for ``config`` cannot take ``layer``'s shape, or None when it can."""
+    if not isinstance(config, PrototypeInt4WeightOnlyConfig):
+        return None
+    # torch's CPU int4 packing: output features in tiles of 16, input features in whole groups.
+    if layer.out_features % INT4_CPU_OUT_TILE or layer.in_features % config.group_size:
+        return (f"int4wo needs out_features divisible by {INT4_CPU_OUT_TILE} and in_features by the group size "
+                f"{config.group_size}, it has {layer.out_features} x {layer.in_features}")
+    return None
+
+
+def _linear_filter(config: AOBaseConfig, skipped: set[str]):
+    """quantize_'s filter: every nn.Linear not in ``skipped`` whose shape the config's kernel takes (the others
+    stay in float, logged)."""
     def filter_fn(child: torch.nn.Module, fqn: str) -> bool:
-        return isinstance(child, torch.nn.Linear) and fqn not in skipped
+        if not isinstance(child, torch.nn.Linear) or fqn in skipped:
+            return False
+        reason = kernel_cannot_take(config, child)
+        if reason is not None:
+            logger.warning("%s stays in float: %s", fqn, reason)
+        return reason is None
     return filter_fn
 
 
 class TorchAOBackend(Backend):
-    """Backend that quantizes a module with torchao (int8wo, int8dq, fp8wo, fp8dq or any config)."""
+    """Backend that quantizes a module with torchao (int8wo, int4wo, int8dq, fp8wo, fp8dq or any config)."""
 
     REQUIRES = ("torchao",)
 
@@ -210,7 +241,7 @@ class TorchAOBackend(Backend):
     def _quantize(self, module: torch.nn.Module) -> torch.nn.Module:
         """Quantize ``module`` (already on the target device) in place, but for ``skip_modules``, and return it."""
         before = {name: type(p) for name, p in module.named_parameters()}
-        filter_fn = None
+        skipped: set[str] = set()
         if self._config.skip_modules:
             # Names are the user's module's; a precision wrapper puts that module under "module.".
             prefix = "module." if self._config.precision else ""
@@ -218,8 +249,8 @@ class TorchAOBackend(Backend):
             unknown = sorted(skipped - dict(module.named_modules()).keys())
             if unknown:
                 raise ValueError(f"skip_modules names no module of {type(module).__name__}: {', '.join(unknown)}")
-            filter_fn = _linear_outside(skipped)
-        quantize_(module, self._config.quantization_config, filter_fn=filter_fn)
+        config = self._config.quantization_config
+        quantize_(module, config, filter_fn=_linear_filter(config, skipped))
         changed = sum(type(p) is not before.get(name) for name, p in module.named_parameters())
         if changed == 0:
             logger.warning("%s quantized no weight of %s: it has no layer torchao converts (nn.Linear)",

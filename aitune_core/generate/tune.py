@@ -23,7 +23,8 @@ from aitune_core.graph_spec import GraphSpec
 from aitune_core.precision import missing_support
 from aitune_core.tune import EAGER, make_candidate
 
-CANDIDATES = ("eager", "compile", "bf16+compile", "int8wo+compile", "int8dq+compile", "fp8wo+compile")
+CANDIDATES = ("eager", "compile", "bf16+compile", "int8wo+compile", "int4wo+compile", "int8dq+compile",
+              "fp8wo+compile", "int8wo-cpu+compile", "int4wo-cpu+compile")
 STEPS = 32
 
 

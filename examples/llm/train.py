@@ -1,12 +1,12 @@
 """A small causal language model whose answers have structure, made here in a few minutes: a Llama-shaped
-model (4 layers, 256 hidden, ~3M parameters, byte-level BPE of 2048 tokens) trained on Python's own standard
+model (4 layers, 256 hidden, ~3.7M parameters, byte-level BPE of 2048 tokens) trained on Python's own standard
 library sources, saved as a Hugging Face folder (config.json, model.safetensors, tokenizer).
 
 It is what it is: a toy that continues Python code in the standard library's style (indentation, keywords,
 docstrings), not a model that knows anything. No causal LM ships in a package that is installable here, so
 the example makes its own; `aitune-archive --hf-model FOLDER` then archives it like any other folder.
 
-    python examples/llm/train.py --out examples/llm/model --minutes 3
+    python examples/llm/train.py --out examples/llm/model --minutes 12
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from corpus import make_tokenizer, stdlib_text
 
-SHAPE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+SHAPE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512)
 WINDOW, BATCH = 128, 16
 
@@ -28,7 +28,7 @@ WINDOW, BATCH = 128, 16
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "model")
-    parser.add_argument("--minutes", type=float, default=3.0, help="training time (the loss printed as it goes)")
+    parser.add_argument("--minutes", type=float, default=12.0, help="training time (the loss printed as it goes)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM

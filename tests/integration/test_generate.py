@@ -3,7 +3,8 @@
 The fp32 eager archive, greedy, answers token for token what transformers' ``generate(do_sample=False)``
 gives on the same folder, for prompts of 2 to ~300 tokens and up to 64 new tokens, streamed (chunked
 HTTP and gRPC ``StreamPredictions``) and not; an int8wo archive compiled at archive time (its KV cache
-inside the AOTInductor package) serves too. Bad input gets a 400 naming the field.
+inside the AOTInductor package) serves too, and so does one of this project's CPU kernels (weight-only),
+as it answers in one process. Bad input gets a 400 naming the field.
 """
 
 import http.client
@@ -20,6 +21,7 @@ from models.llm_folders import make_llm_folder
 PROMPTS = ["x", "def main(argv):\n    ", "import os\nimport sys\n\n" * 3,
            "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n" * 5]
 CONTEXT = 512
+MODELS = ("gen_eager", "gen_int8", "gen_w8")
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +35,13 @@ def gen_server(tmp_path_factory, folder):
     archive_model(ArchiveOptions(model_name="gen_eager", hf_model=folder, backend="eager", export_path=store))
     archive_model(ArchiveOptions(model_name="gen_int8", hf_model=folder, quantization="int8wo", compile=True,
                                  export_path=store))
+    archive_model(ArchiveOptions(model_name="gen_w8", hf_model=folder, backend="weight-only", quantization="int8wo",
+                                 compile=True, export_path=store))
     instance = TorchServe(tmp_path_factory.mktemp("gen_torchserve"), store,
-                          {name: f"{name}.mar" for name in ("gen_eager", "gen_int8")})
+                          {name: f"{name}.mar" for name in MODELS})
     instance.start()
     try:
-        for name in ("gen_eager", "gen_int8"):
+        for name in MODELS:
             instance.wait_ready(name, timeout=300)
         yield instance
     finally:
@@ -117,6 +121,26 @@ def test_compiled_int8wo_archive_serves_in_chunks_and_steps(gen_server):
     assert answer["usage"]["completion_tokens"] == 40 or answer["finish_reason"] == "stop"
     assert ask(gen_server, "gen_int8", body) == answer  # greedy is deterministic
     assert "AOTInductor package loaded" in gen_server.model_log()
+
+
+def test_our_cpu_kernels_serve_as_they_answer_in_process(gen_server, tmp_path):
+    """The weight-only backend's custom ops inside an AOTInductor package, in a worker: the kernels built for
+    this CPU (the ready line says so), the answer the same archive gives in one process."""
+    import zipfile
+
+    from aitune_core.generate.engine import Engine
+    from aitune_core.generate.request import parse
+    from aitune_core.serving import load_model
+
+    body = {"prompt": PROMPTS[2], "max_new_tokens": 24}
+    answer = ask(gen_server, "gen_w8", body)
+    with zipfile.ZipFile(gen_server.model_store / "gen_w8.mar") as mar:
+        mar.extractall(tmp_path / "gen_w8")
+    model = load_model(tmp_path / "gen_w8", torch.device("cpu"))
+    engine = Engine(model.backend.infer, model.codec.tokenizer, model.codec.options)
+    assert engine.generate(parse(body, model.codec.tokenizer, model.codec.options)).text == answer["text"]
+    ready = [line for line in gen_server.model_log().splitlines() if "model gen_w8 ready" in line]
+    assert ready and "weight-only products: aitune CPU weight-only kernels built for this CPU" in ready[0], ready
 
 
 def test_seeded_sampling_repeats_and_stop_strings_are_never_sent(gen_server):

@@ -100,3 +100,49 @@ def test_graph_spec_refuses_disagreeing_samples():
 def test_sample_of(value, args, kwargs):
     sample = Sample.of(value)
     assert (len(sample.args), len(sample.kwargs)) == (args, kwargs)
+
+
+class Int4Shapes(torch.nn.Module):
+    """One layer torch's CPU int4 kernel takes (256 -> 128), one whose 40 outputs it cannot tile, one whose 40
+    inputs are no whole group of 128."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fits, self.odd_out, self.odd_in = torch.nn.Linear(256, 128), torch.nn.Linear(128, 40), torch.nn.Linear(40, 16)
+
+    def forward(self, x):
+        return self.odd_in(self.odd_out(self.fits(x)))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile"])
+def test_int4wo_quantizes_the_layers_its_kernel_takes_and_round_trips(compiled, tmp_path, caplog):
+    from aitune_core.backends import backend_from_dict
+    from aitune_core.checkpoint import load_checkpoint, save_checkpoint
+
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(1))
+    module = Int4Shapes()
+    reference = module(x).detach()
+    built = TorchAOBackend(TorchAOBackendConfig(quantization="int4wo", compile=compiled)).build(module, None, [x],
+                                                                                                "cpu")
+    weights = built.to_dict()["weights"]
+    assert type(weights["fits.weight"]).__name__ == "Int4OpaqueTensor"
+    assert type(weights["odd_out.weight"]) is torch.Tensor and type(weights["odd_in.weight"]) is torch.Tensor
+    assert "odd_out stays in float: int4wo needs out_features divisible by 16" in caplog.text
+    output = built.infer(x)
+    assert not torch.equal(output, reference)
+    assert float(torch.nn.functional.cosine_similarity(output.flatten(), reference.flatten(), dim=0)) > 0.99
+    save_checkpoint(built.to_dict(), tmp_path / "checkpoint.pt")
+    loaded = backend_from_dict(Int4Shapes(), load_checkpoint(tmp_path / "checkpoint.pt"))
+    loaded.deploy("cpu")
+    assert torch.equal(loaded.infer(x), output)
+
+
+def test_int4wo_on_a_gpu_names_the_config_that_runs_there():
+    from aitune_core.backends.torchao import check_device_can_run
+
+    config = TorchAOBackendConfig(quantization="int4wo").quantization_config
+    check_device_can_run(config, torch.device("cpu"))
+    with pytest.raises(UnsupportedDeviceError, match="int4wo .*cannot run on cuda:0: it needs a CPU; on a CUDA GPU "
+                                                     "pass torchao's Int4WeightOnlyConfig"):
+        check_device_can_run(config, torch.device("cuda:0"))

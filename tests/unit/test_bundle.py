@@ -26,4 +26,5 @@ def test_staged_package_is_sources_only(tmp_path):
     assert [p.name for p in staged.iterdir()] == ["aitune_core"]
     files = {p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()}
     assert "aitune_core/wire/oip_grpc.py" in files and "aitune_core/serving.py" in files
-    assert not [f for f in files if "__pycache__" in f or not f.endswith(".py")]
+    assert "aitune_core/kernels/cpu_weight_only.cpp" in files  # the CPU kernels' source: a worker builds its own
+    assert not [f for f in files if "__pycache__" in f or not f.endswith((".py", ".cpp"))]

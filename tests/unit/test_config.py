@@ -21,7 +21,7 @@ def test_exactly_one_of_name_and_config():
 
 
 def test_unknown_name_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="int8wo, int8dq, fp8wo, fp8dq"):
+    with pytest.raises(ValueError, match="int8wo, int8dq, fp8wo, fp8dq, int4wo"):
         TorchAOBackendConfig(quantization="int4")
 
 

@@ -188,3 +188,25 @@ def test_tune_ranks_generation_candidates_by_decode_rate_within_the_gate(folders
     assert rows["eager"]["top1"] == 1.0 and rows["eager"]["tokens_per_s"] > 0
     assert all(row["outcome"].startswith("out: generation gate") for name, row in rows.items() if name != "eager")
     assert rows["eager"]["outcome"] == "chosen" and manifest["backend"] == "TorchEagerBackend"
+
+
+def test_int4wo_archive_quantizes_the_decoder_and_stores_its_gate(tokenizer, tmp_path):
+    """Random weights lose far more to int4 than a trained model's (docs/generate.md has both): the gate is
+    opened here so that the archive is built, and its figures are what the manifest keeps."""
+    from aitune_core.serving import load_model
+
+    folder = make_llm_folder(tmp_path / "llm128", hidden=128, intermediate=256, tokenizer=tokenizer)
+    result = archive_model(ArchiveOptions(model_name="g4", hf_model=folder, quantization="int4wo", max_context=128,
+                                          max_batch=2, min_top1=0.0, max_kl=100.0, export_path=tmp_path / "store",
+                                          archive_format="no-archive"))
+    directory = result.archive_path
+    manifest = json.loads((directory / "aitune_manifest.json").read_text())
+    gate = manifest["request"]["gate"]
+    assert gate["passed"] and 0.0 < gate["top1"] < 1.0 and gate["kl"] > 0.0
+    weights = torch.load(directory / "checkpoint.pt", weights_only=True)["weights"]
+    quantized = {key for key, value in weights.items() if type(value).__name__ == "Int4OpaqueTensor"}
+    assert {"model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight", "lm_head.weight"} <= quantized
+    model = load_model(directory, torch.device("cpu"))
+    engine = Engine(model.backend.infer, model.codec.tokenizer, model.codec.options)
+    request = parse({"prompt": "import os", "max_new_tokens": 8}, model.codec.tokenizer, model.codec.options)
+    assert engine.generate(request).tokens == engine.generate(request).tokens

@@ -20,6 +20,7 @@ from aitune_core.tune import (
     TuneReport,
     candidate_names,
     choose,
+    default_candidate_names,
     make_candidate,
     parse_candidate,
     pick_variants,
@@ -158,9 +159,12 @@ def test_unknown_candidate():
     ("int8wo", ("int8wo", None, False), "TorchAOBackend(quantization_config=Int8WeightOnlyConfig())"),
     ("int8dq+bf16+compile", ("int8dq", "bf16", True),
      "TorchAOBackend(quantization_config=Int8DynamicActivationInt8WeightConfig(),precision='bf16',compile=True)"),
+    ("int4wo+compile", ("int4wo", None, True),
+     "TorchAOBackend(quantization_config=PrototypeInt4WeightOnlyConfig(),compile=True)"),
 ])
 def test_candidate_names_say_quantization_precision_and_compile(name, parsed, describe):
     assert name in candidate_names()
+    assert (name in default_candidate_names()) == (not name.startswith("int4wo"))  # int4wo only when named
     assert parse_candidate(name) == parsed
     assert make_candidate(name).make().describe() == describe
 

@@ -1,0 +1,75 @@
+"""The CPU weight-only kernels, compiled for the machine that runs them and cached.
+
+``native()`` compiles ``cpu_weight_only.cpp`` with gcc for this CPU (``-march=native``) the first time
+a process needs it, into torch's extensions folder (``TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``), under a name made of the source's digest and the CPU's features: a
+worker on another CPU builds its own (~30 s, once), the same CPU loads the cached build in
+milliseconds. Where it cannot be built (no compiler, no ninja) ``native()`` is None, the reason is
+kept, and the ops fall back to a plain dequantize-then-matmul in torch (correct, slower); the worker's
+ready line names which one runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_weight_only.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP: ATen's parallel_for runs on torch's threads
+_failure: list[str] = []
+
+
+def build_name() -> str:
+    """The extension's name: source, flags, CPU features and torch version decide which build fits."""
+    import torch
+
+    from aitune_core.precision import cpu_features
+
+    features = json.dumps(cpu_features(), sort_keys=True, default=str)
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + features.encode()
+                            + torch.__version__.encode()).hexdigest()[:16]
+    return f"aitune_weight_only_{digest}"
+
+
+@functools.cache
+def native() -> ModuleType | None:
+    """The compiled kernels for this CPU, built on first use; None (and ``failure()`` says why) where they cannot be."""
+    from torch.utils import cpp_extension
+
+    # ninja comes with the project's packages: make the environment's bin/ findable by torch's builder.
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    try:
+        return cpp_extension.load(build_name(), [str(SOURCE)], extra_cflags=FLAGS, verbose=False)
+    except Exception as error:  # no compiler, no ninja, a read-only cache: the torch fallback still answers
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[-1][:300]
+        _failure.append(reason)
+        logger.warning("The CPU weight-only kernels could not be built (%s): using torch's dequantize-then-matmul",
+                       reason)
+        return None
+
+
+def tried() -> bool:
+    """True once a product in this process has asked for the kernels (built, loaded, or failed)."""
+    return native.cache_info().currsize > 0
+
+
+def failure() -> str | None:
+    """Why ``native()`` is None, once it has been tried; else None."""
+    return _failure[0] if _failure else None
+
+
+def describe() -> str:
+    """One line for a worker's ready message: which kernels run."""
+    if native() is not None:
+        return f"aitune CPU weight-only kernels built for this CPU ({build_name()})"
+    return f"torch dequantize-then-matmul (the CPU kernels could not be built: {failure()})"

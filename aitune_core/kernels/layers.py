@@ -1,0 +1,108 @@
+"""Linear layers that hold int8 or int4 weights and multiply through the weight-only ops, and the swap that
+puts them in a module in place of its ``nn.Linear`` layers.
+
+Their state is plain tensors (int8 / uint8 weights, fp32 scales): a checkpoint of them loads with
+``torch.load(weights_only=True)`` and needs no torchao.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from aitune_core.kernels import ops
+from aitune_core.kernels.quantize import pack_int4, quantize_int8
+
+logger = logging.getLogger(__name__)
+FORMATS = ("int8", "int4")
+
+
+class _WeightOnlyLinear(torch.nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        out = self._mm(rows.to(torch.float32) if rows.dtype != torch.float32 else rows).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Linear(_WeightOnlyLinear):
+    """``y = x W.T + b`` with ``W = weight (int8) * scale`` per output feature."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(out_features))
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear) -> "Int8Linear":
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        layer.weight, layer.scale = quantize_int8(linear.weight)
+        if linear.bias is not None:
+            layer.bias = linear.bias.detach().float().clone()
+        return layer
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.int8_weight_only_mm(x, self.weight, self.scale)
+
+
+class Int4Linear(_WeightOnlyLinear):
+    """``y = x W.T + b`` with ``W`` in int4 groups of ``group_size`` inputs (``quantize.pack_int4``)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.group_size = group_size
+        groups = in_features // group_size
+        self.register_buffer("packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(out_features, groups))
+        self.register_buffer("offset", torch.zeros(out_features, groups))
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, group_size: int = 128) -> "Int4Linear":
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size)
+        layer.packed, layer.scale, layer.offset = pack_int4(linear.weight, group_size)
+        if linear.bias is not None:
+            layer.bias = linear.bias.detach().float().clone()
+        return layer
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.int4_weight_only_mm(x, self.packed, self.scale, self.offset, self.group_size)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group_size={self.group_size}"
+
+
+def swap_linears(module: torch.nn.Module, weight_format: str, group_size: int = 128,
+                 skip: set[str] | frozenset[str] = frozenset(), quantize: bool = True) -> list[str]:
+    """Replace ``module``'s ``nn.Linear`` layers (but ``skip``) by Int8Linear / Int4Linear, in place; the names
+    of those replaced. ``quantize=False`` puts empty layers of the right shape (a checkpoint's weights come next).
+    An int4 layer whose in_features are no whole groups stays in float, logged."""
+    if weight_format not in FORMATS:
+        raise ValueError(f"Unknown weight format {weight_format!r}: expected one of {', '.join(FORMATS)}")
+    swapped = []
+    for name, child in list(module.named_modules()):
+        if not isinstance(child, torch.nn.Linear) or name in skip:
+            continue
+        if weight_format == "int4" and child.in_features % group_size:
+            logger.warning("%s stays in float: int4 needs in_features divisible by the group size %d, it has %d",
+                           name, group_size, child.in_features)
+            continue
+        if weight_format == "int8":
+            layer = Int8Linear.from_linear(child) if quantize else \
+                Int8Linear(child.in_features, child.out_features, child.bias is not None)
+        else:
+            layer = Int4Linear.from_linear(child, group_size) if quantize else \
+                Int4Linear(child.in_features, child.out_features, child.bias is not None, group_size)
+        parent_name, _, attribute = name.rpartition(".")
+        setattr(module.get_submodule(parent_name) if parent_name else module, attribute, layer)
+        swapped.append(name)
+    return swapped

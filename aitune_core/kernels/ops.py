@@ -1,0 +1,62 @@
+"""The weight-only products as torch custom ops (``aitune::int8_weight_only_mm``, ``aitune::int4_weight_only_mm``).
+
+Custom ops with fake implementations, so that ``torch.compile`` and AOTInductor keep them as one call in the
+graph (an AOTInductor package calls them by name: importing this module registers them in a worker). Up to
+``KERNEL_MAX_ROWS`` rows (decode steps of up to 16 sequences, one-text requests) run the CPU kernels of
+``build.py``; more rows (a prompt chunk), another device, or a CPU where the kernels could not be built, run a
+dequantize-then-matmul in torch, whose compute is what a long prompt needs anyway.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from aitune_core.kernels import build
+
+KERNEL_MAX_ROWS = 16
+
+
+def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float weights an int8 layer stands for: ``weight * scale`` per output feature."""
+    return weight.to(scale.dtype) * scale[:, None]
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The float weights an int4 layer stands for (layout: ``aitune_core.kernels.quantize.pack_int4``)."""
+    rows = packed.shape[0]
+    blocks = packed.view(rows, -1, 16)
+    q = torch.stack([blocks & 15, blocks >> 4], dim=2).view(rows, -1, group_size)
+    return (q.to(scale.dtype) * scale[..., None] + offset[..., None]).view(rows, -1)
+
+
+def _native_rows(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] <= KERNEL_MAX_ROWS \
+        and build.native() is not None
+
+
+@torch.library.custom_op("aitune::int8_weight_only_mm", mutates_args=())
+def int8_weight_only_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x [M, K] @ (weight int8 [N, K] * scale [N]).T`` -> ``[M, N]`` in x's dtype."""
+    if _native_rows(x):
+        return build.native().int8_weight_only_mm(x, weight, scale)
+    return x @ dequantize_int8(weight, scale).to(x.dtype).T
+
+
+@int8_weight_only_mm.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("aitune::int4_weight_only_mm", mutates_args=())
+def int4_weight_only_mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                        group_size: int) -> torch.Tensor:
+    """``x [M, K] @ W.T`` for the int4 ``W [N, K]`` that ``packed``, ``scale`` and ``offset`` hold -> ``[M, N]``."""
+    if _native_rows(x):
+        return build.native().int4_weight_only_mm(x, packed, scale, offset, group_size)
+    return x @ dequantize_int4(packed, scale, offset, group_size).to(x.dtype).T
+
+
+@int4_weight_only_mm.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+      group_size: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], packed.shape[0]))

@@ -1,0 +1,104 @@
+"""The CPU weight-only kernels: built here, equal to dequantize-then-matmul on odd shapes, kept whole by
+torch.compile, and the backend that swaps them in, through its checkpoint."""
+
+import pytest
+import torch
+
+from aitune_core.kernels import build, ops
+from aitune_core.kernels.layers import Int4Linear, Int8Linear, swap_linears
+from aitune_core.kernels.quantize import pack_int4, quantize_int8
+
+
+def close(actual, expected):
+    """Equal within float rounding: the kernels sum in another order than a matmul."""
+    scale = expected.abs().max().item() if expected.numel() else 1.0
+    return actual.shape == expected.shape and bool(((actual - expected).abs() <= 1e-5 * scale + 1e-6).all())
+
+
+def test_the_kernels_build_for_this_cpu():
+    assert build.native() is not None, build.failure()
+    assert build.build_name() in build.describe()
+
+
+@pytest.mark.parametrize("rows", [0, 1, 3, 4, 5, 16, 17, 40])
+@pytest.mark.parametrize("in_features, out_features", [(40, 17), (100, 1), (4096 + 24, 33)])
+def test_int8_equals_dequantize_then_matmul(rows, in_features, out_features):
+    generator = torch.Generator().manual_seed(rows + in_features)
+    weight, scale = quantize_int8(torch.randn(out_features, in_features, generator=generator))
+    x = torch.randn(rows, in_features, generator=generator)
+    expected = x.double() @ ops.dequantize_int8(weight, scale).double().T
+    assert close(ops.int8_weight_only_mm(x, weight, scale).double(), expected)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 4, 7, 16, 33])
+@pytest.mark.parametrize("in_features, out_features, group_size", [(64, 17, 32), (384, 5, 128), (512, 48, 256)])
+def test_int4_equals_dequantize_then_matmul(rows, in_features, out_features, group_size):
+    generator = torch.Generator().manual_seed(rows + in_features)
+    packed, scale, offset = pack_int4(torch.randn(out_features, in_features, generator=generator), group_size)
+    x = torch.randn(rows, in_features, generator=generator)
+    expected = x.double() @ ops.dequantize_int4(packed, scale, offset, group_size).double().T
+    assert close(ops.int4_weight_only_mm(x, packed, scale, offset, group_size).double(), expected)
+
+
+def test_the_formats_hold_the_weights_within_half_a_step():
+    weight = torch.randn(24, 256, generator=torch.Generator().manual_seed(0))
+    q, scale = quantize_int8(weight)
+    assert q.dtype == torch.int8 and bool(((ops.dequantize_int8(q, scale) - weight).abs() <= scale[:, None] / 2 + 1e-6).all())
+    packed, scale, offset = pack_int4(weight, 64)
+    assert packed.dtype == torch.uint8 and packed.shape == (24, 128) and scale.shape == (24, 4)
+    error = (ops.dequantize_int4(packed, scale, offset, 64) - weight).abs().view(24, 4, 64)
+    assert bool((error <= scale[..., None] / 2 + 1e-6).all())
+    with pytest.raises(ValueError, match="int4 needs in_features divisible by the group size 64, got 100"):
+        pack_int4(torch.randn(4, 100), 64)
+
+
+def test_layers_take_any_leading_dims_and_a_bias_and_compile_whole():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 48)
+    x = torch.randn(2, 3, 128)
+    for layer, weight in [(Int8Linear.from_linear(linear), None), (Int4Linear.from_linear(linear, 64), None)]:
+        dequantized = ops.dequantize_int8(layer.weight, layer.scale) if isinstance(layer, Int8Linear) else \
+            ops.dequantize_int4(layer.packed, layer.scale, layer.offset, 64)
+        expected = torch.nn.functional.linear(x, dequantized, linear.bias).detach()
+        with torch.no_grad():
+            assert close(layer(x), expected)
+            torch._dynamo.reset()
+            assert close(torch.compile(layer, fullgraph=True)(x), expected)  # fullgraph: no break at the op
+
+
+def test_swap_leaves_what_int4_cannot_take_in_float(caplog):
+    module = torch.nn.Sequential(torch.nn.Linear(128, 40), torch.nn.ReLU(), torch.nn.Linear(40, 8),
+                                 torch.nn.Linear(8, 128))
+    assert swap_linears(module, "int4", 32, skip={"3"}) == ["0"]
+    assert [type(layer).__name__ for layer in module] == ["Int4Linear", "ReLU", "Linear", "Linear"]
+    assert "2 stays in float: int4 needs in_features divisible by the group size 32, it has 40" in caplog.text
+    with pytest.raises(ValueError, match="Unknown weight format 'int2'"):
+        swap_linears(module, "int2")
+
+
+@pytest.mark.parametrize("weight_format", ["int8", "int4"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile"])
+def test_backend_round_trips_through_a_weights_only_checkpoint(weight_format, compiled, tmp_path):
+    from aitune_core.backends import backend_from_dict
+    from aitune_core.backends.weight_only import WeightOnlyBackend, WeightOnlyBackendConfig
+    from aitune_core.checkpoint import load_checkpoint, save_checkpoint
+
+    def mlp():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 64))
+
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(1))
+    reference = mlp()(x).detach()
+    config = WeightOnlyBackendConfig(weight_format=weight_format, group_size=64, compile=compiled)
+    built = WeightOnlyBackend(config).build(mlp(), None, [x], "cpu")
+    output = built.infer(x)
+    cosine = float(torch.nn.functional.cosine_similarity(output.flatten(), reference.flatten(), dim=0))
+    assert cosine > (0.9999 if weight_format == "int8" else 0.995) and not torch.equal(output, reference)
+    state = built.to_dict()
+    assert {str(tensor.dtype) for tensor in state["weights"].values()} == \
+        {"torch.float32", "torch.int8" if weight_format == "int8" else "torch.uint8"}
+    save_checkpoint(state, tmp_path / "checkpoint.pt")
+    loaded = backend_from_dict(mlp(), load_checkpoint(tmp_path / "checkpoint.pt"))
+    loaded.deploy("cpu")
+    assert torch.equal(loaded.infer(x), output)
+    assert loaded.key() == built.key() and loaded.describe() == built.describe()
