@@ -20,13 +20,15 @@ from torchao.core.config import AOBaseConfig, config_from_dict, config_to_dict
 from torchao.quantization import (
     Float8DynamicActivationFloat8WeightConfig,
     Float8WeightOnlyConfig,
+    Int4WeightOnlyConfig,
     Int8DynamicActivationInt8WeightConfig,
     Int8WeightOnlyConfig,
     quantize_,
 )
+from torchao.quantization.quantize_.workflows.int4.int4_packing_format import Int4PackingFormat
 from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
 
-from aitune_core.backend import Backend, BackendConfig, changed_fields
+from aitune_core.backend import Backend, BackendConfig, BackendState, changed_fields
 from aitune_core.compilation import CompileSettings
 from aitune_core.devices import cuda_capability
 from aitune_core.errors import CheckpointError, UnsupportedDeviceError
@@ -41,8 +43,8 @@ QUANTIZATIONS: dict[str, type[AOBaseConfig]] = {
     "int8dq": Int8DynamicActivationInt8WeightConfig,
     "fp8wo": Float8WeightOnlyConfig,
     "fp8dq": Float8DynamicActivationFloat8WeightConfig,
-    # torchao 0.18's int4 weight-only kernel for CPUs (torch._weight_int4pack_mm_for_cpu); its
-    # Int4WeightOnlyConfig formats need the mslk package or a CUDA GPU with bf16.
+    # torchao 0.18's int4 weight-only kernel for CPUs (torch._weight_int4pack_mm_for_cpu); a build on a
+    # CUDA GPU takes Int4WeightOnlyConfig's tile-packed format instead (config_for_device).
     "int4wo": PrototypeInt4WeightOnlyConfig,
 }
 INT4_CPU_MODULE = "torchao.prototype.quantization.int4"
@@ -170,13 +172,27 @@ def load_torchao_config(config_dict: dict[str, Any]) -> AOBaseConfig:
         torchao_config.ALLOWED_AO_MODULES = original
 
 
+def config_for_device(config: AOBaseConfig, device: torch.device, precision: str | None) -> AOBaseConfig:
+    """The config a build on ``device`` quantizes with: int4wo names torchao's int4 weight-only kernel for the
+    device, the CPU one (``_weight_int4pack_mm_for_cpu``) or, on a CUDA GPU, ``Int4WeightOnlyConfig``'s
+    tile-packed format (tinygemm), which takes bf16 only (UnsupportedDeviceError without ``--precision bf16``)."""
+    if not isinstance(config, PrototypeInt4WeightOnlyConfig) or torch.device(device).type != "cuda":
+        return config
+    if precision != "bf16":
+        raise UnsupportedDeviceError(
+            f"Quantization int4wo on {device} is torchao's CUDA int4 kernel (tinygemm), which takes bf16 only: "
+            "add --precision bf16"
+        )
+    return Int4WeightOnlyConfig(group_size=config.group_size, int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D)
+
+
 def check_device_can_run(config: AOBaseConfig, device: torch.device) -> None:
     """UnsupportedDeviceError when ``device`` cannot run ``config``, with what it needs."""
     if isinstance(config, PrototypeInt4WeightOnlyConfig) and torch.device(device).type != "cpu":
         raise UnsupportedDeviceError(
             f"Quantization int4wo (torchao's CPU int4 kernel, {type(config).__name__}) cannot run on {device}: "
-            "it needs a CPU; on a CUDA GPU pass torchao's Int4WeightOnlyConfig(int4_packing_format="
-            "'tile_packed_to_4d') as the quantization config, with --precision bf16"
+            "its weights are packed for a CPU; archive it on the GPU (--device cuda:N --precision bf16) for "
+            "torchao's CUDA int4 kernel"
         )
     if not isinstance(config, Float8DynamicActivationFloat8WeightConfig):
         return
@@ -202,7 +218,7 @@ def check_torchao_compatible(written_by: str) -> None:
 
 def kernel_cannot_take(config: AOBaseConfig, layer: torch.nn.Linear) -> str | None:
     """Why torchao's kernel for ``config`` cannot take ``layer``'s shape, or None when it can."""
-    if not isinstance(config, PrototypeInt4WeightOnlyConfig):
+    if not isinstance(config, (PrototypeInt4WeightOnlyConfig, Int4WeightOnlyConfig)):
         return None
     # torch's CPU int4 packing: output features in tiles of 16, input features in whole groups.
     if layer.out_features % INT4_CPU_OUT_TILE or layer.in_features % config.group_size:
@@ -236,7 +252,10 @@ class TorchAOBackend(Backend):
         self._orig_module: torch.nn.Module | None = None
 
     def _check_device(self, device: torch.device) -> None:
-        check_device_can_run(self._config.quantization_config, device)
+        config = self._config.quantization_config
+        if self.state == BackendState.INIT:  # a build takes the device's own int4 kernel (config_for_device)
+            config = config_for_device(config, device, self._config.precision)
+        check_device_can_run(config, device)
 
     def _quantize(self, module: torch.nn.Module) -> torch.nn.Module:
         """Quantize ``module`` (already on the target device) in place, but for ``skip_modules``, and return it."""
@@ -260,6 +279,7 @@ class TorchAOBackend(Backend):
     def _build(self, module: torch.nn.Module, graph_spec: GraphSpec, data: list[Sample],
                device: torch.device, cache_dir: Path | None) -> None:
         precision, outputs = self._config.precision, graph_spec.outputs
+        self._config.quantization_config = config_for_device(self._config.quantization_config, device, precision)
         if self._config.checkpoint_weights == "original":
             self._orig_module = with_precision(module_on(module, torch.device("cpu")), precision, outputs)
         self._module = self._quantize(with_precision(module_on(module, device), precision, outputs))

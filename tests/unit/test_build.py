@@ -138,11 +138,21 @@ def test_int4wo_quantizes_the_layers_its_kernel_takes_and_round_trips(compiled, 
     assert torch.equal(loaded.infer(x), output)
 
 
-def test_int4wo_on_a_gpu_names_the_config_that_runs_there():
-    from aitune_core.backends.torchao import check_device_can_run
+def test_int4wo_takes_the_devices_own_int4_kernel():
+    """A build on a CUDA GPU quantizes with torchao's CUDA int4 format (bf16 only); weights packed for a CPU are
+    refused there with what to do. No GPU is needed to check the choice and the lines."""
+    from torchao.quantization import Int4WeightOnlyConfig
+
+    from aitune_core.backends.torchao import check_device_can_run, config_for_device
 
     config = TorchAOBackendConfig(quantization="int4wo").quantization_config
+    cuda = torch.device("cuda:0")
+    assert config_for_device(config, torch.device("cpu"), None) is config
     check_device_can_run(config, torch.device("cpu"))
-    with pytest.raises(UnsupportedDeviceError, match="int4wo .*cannot run on cuda:0: it needs a CPU; on a CUDA GPU "
-                                                     "pass torchao's Int4WeightOnlyConfig"):
-        check_device_can_run(config, torch.device("cuda:0"))
+    on_gpu = config_for_device(config, cuda, "bf16")
+    assert isinstance(on_gpu, Int4WeightOnlyConfig) and on_gpu.int4_packing_format.value == "tile_packed_to_4d"
+    check_device_can_run(on_gpu, cuda)
+    with pytest.raises(UnsupportedDeviceError, match="int4wo on cuda:0 is torchao's CUDA int4 kernel .*add --precision bf16"):
+        config_for_device(config, cuda, None)
+    with pytest.raises(UnsupportedDeviceError, match="int4wo .*cannot run on cuda:0: its weights are packed for a CPU"):
+        check_device_can_run(config, cuda)
