@@ -50,7 +50,6 @@ def products(size: int, count: int) -> dict[str, tuple[Callable[[torch.Tensor], 
     floats = [torch.randn(size, size, generator=generator) * 0.02 for _ in range(count)]
     int8 = [quantize_int8(w) for w in floats]
     int4 = [pack_int4(w, 128) for w in floats]
-    torch_int8 = [(q, s) for q, s in int8]
     torchao_int4 = []
     for w in floats:
         layer = torch.nn.Linear(size, size, bias=False)
@@ -66,7 +65,7 @@ def products(size: int, count: int) -> dict[str, tuple[Callable[[torch.Tensor], 
         "fp32 x @ W.T": (each(lambda x, w: x @ w.T, floats), weights * 4),
         "aitune int8": (each(lambda x, p: ops.int8_weight_only_mm(x, *p), int8), weights * (1 + 4 / size)),
         "aitune int4": (each(lambda x, p: ops.int4_weight_only_mm(x, *p, 128), int4), weights * (0.5 + 8 / 128)),
-        "torch _weight_int8pack_mm": (each(lambda x, p: torch._weight_int8pack_mm(x, p[0], p[1]), torch_int8),
+        "torch _weight_int8pack_mm": (each(lambda x, p: torch._weight_int8pack_mm(x, p[0], p[1]), int8),
                                       weights * (1 + 4 / size)),
         "torchao int4 (CPU)": (each(lambda x, layer: layer(x), torchao_int4), weights * (0.5 + 4 / 128)),
     }

@@ -26,7 +26,7 @@ class _WeightOnlyLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        out = self._mm(rows.to(torch.float32) if rows.dtype != torch.float32 else rows).to(x.dtype)
+        out = self._mm(rows.float()).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(x.dtype)
         return out.view(*x.shape[:-1], self.out_features)
@@ -96,12 +96,11 @@ def swap_linears(module: torch.nn.Module, weight_format: str, group_size: int = 
             logger.warning("%s stays in float: int4 needs in_features divisible by the group size %d, it has %d",
                            name, group_size, child.in_features)
             continue
+        shape = (child.in_features, child.out_features, child.bias is not None)
         if weight_format == "int8":
-            layer = Int8Linear.from_linear(child) if quantize else \
-                Int8Linear(child.in_features, child.out_features, child.bias is not None)
+            layer = Int8Linear.from_linear(child) if quantize else Int8Linear(*shape)
         else:
-            layer = Int4Linear.from_linear(child, group_size) if quantize else \
-                Int4Linear(child.in_features, child.out_features, child.bias is not None, group_size)
+            layer = Int4Linear.from_linear(child, group_size) if quantize else Int4Linear(*shape, group_size)
         parent_name, _, attribute = name.rpartition(".")
         setattr(module.get_submodule(parent_name) if parent_name else module, attribute, layer)
         swapped.append(name)
