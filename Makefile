@@ -32,7 +32,7 @@ reliability: venv
 		tests/integration/test_serve.py::test_bad_request_in_a_batch_fails_alone \
 		tests/integration/test_serve.py::test_request_without_the_key_is_refused \
 		tests/integration/test_serve.py::test_unknown_model_is_404 \
-		tests/integration/test_minilm.py::test_bad_text_requests
+		tests/integration/test_minilm.py::test_bad_text_requests tests/integration/test_many_streams.py
 
 demo: venv
 	$(BIN)/python examples/demo.py
@@ -49,6 +49,7 @@ bench: venv
 	$(BIN)/python benchmarks/hf_classifier.py
 	$(BIN)/python benchmarks/kernels.py
 	$(BIN)/python benchmarks/generate.py
+	$(BIN)/python benchmarks/streams.py
 
 bench-quick: venv
 	$(BIN)/python benchmarks/run.py --quick
@@ -57,6 +58,7 @@ bench-quick: venv
 	$(BIN)/python benchmarks/hf_classifier.py --quick
 	$(BIN)/python benchmarks/kernels.py --quick
 	$(BIN)/python benchmarks/generate.py --quick
+	$(BIN)/python benchmarks/streams.py --quick
 
 # On a GPU machine, with .whl/ from scripts/gpu_wheels.sh beside it; no venv, no Java (docs/gpu.md).
 GPU_REPORT ?= gpu-report

@@ -176,7 +176,7 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
         min_cosine, build_seconds = primary.min_cosine, primary.build_s + primary.first_call_s
         progress("Variants: " + "; ".join(f"{v.name} ({v.describe}) for {v.needs()}" for v in variants))
 
-    model_config, startup_note = _model_config(config_text, config, backend, build_seconds)
+    model_config, startup_note = _model_config(config_text, config, backend, build_seconds, source.worker_settings)
     if startup_note:
         progress(startup_note)
     request = source.check_request(backend) if source.check_request else _check_text_codec(options, backend)
@@ -236,6 +236,8 @@ class _Source:
     tune: Callable[[GraphSpec, torch.device, TuneOptions], tuple[Backend, float]] | None = None
     # False: the logits' cosine is reported, the source's own gate decides (generation's top-1 and KL)
     cosine_gate: bool = True
+    # model-config settings the model needs unless the user's --config-file sets them
+    worker_settings: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _module_file_source(options: ArchiveOptions, progress: Callable[[str], None]) -> _Source:
@@ -303,6 +305,13 @@ def _hf_source(options: ArchiveOptions, progress: Callable[[str], None]) -> _Sou
                    packages=list(PACKAGES), check_request=check_request)
 
 
+def continuous_batching(max_batch: int) -> dict[str, Any]:
+    """The model-config of a text-generation archive: TorchServe's continuous batching of up to ``max_batch``
+    requests (the KV cache's slots; see generate/service.py), 5 ms to gather the first requests of an idle
+    worker, and a queue of 64 requests waiting in the frontend (full: 503)."""
+    return {"continuousBatching": True, "batchSize": max_batch, "maxBatchDelay": 5, "jobQueueSize": 64}
+
+
 def _generation_source(options: ArchiveOptions, progress: Callable[[str], None], packages: list[str]) -> _Source:
     from aitune_core.generate.prepare import prepare
 
@@ -331,7 +340,8 @@ def _generation_source(options: ArchiveOptions, progress: Callable[[str], None],
     return _Source(module=prepared.module, samples=prepared.samples, sample_names="a prompt chunk and a decode step",
                    model_section=prepared.model_section(), write_files=prepared.write_files, packages=packages,
                    check_request=lambda backend: prepared.check(backend, progress, options.min_top1, options.max_kl),
-                   cosine_gate=False, tune=tune)
+                   cosine_gate=False, tune=tune,
+                   worker_settings=continuous_batching(config.max_batch))
 
 
 def _tuning_files(reports: list[TuneReport]) -> dict[str, bytes]:
@@ -372,14 +382,17 @@ def _read_model_config(config_file: Path | None) -> tuple[str | None, dict[str, 
     return text, config
 
 
-def _model_config(text: str | None, config: dict[str, Any], backend: Backend,
-                  compile_seconds: float) -> tuple[str | None, str]:
-    """The model-config.yaml to pack (the user's ``text``, parsed as ``config``), and a note when
-    aitune-archive set its startupTimeout.
+def _model_config(text: str | None, config: dict[str, Any], backend: Backend, compile_seconds: float,
+                  settings: dict[str, Any] | None = None) -> tuple[str | None, str]:
+    """The model-config.yaml to pack (the user's ``text``, parsed as ``config``, plus the source's ``settings``
+    the user did not set), and a note when aitune-archive set its startupTimeout.
 
     A backend that compiles in the worker (torch.compile, or the fallback of an AOTInductor package on
     another machine) may need more than TorchServe's default; a startupTimeout the user set wins.
     """
+    added = {key: value for key, value in (settings or {}).items() if key not in config}
+    if added:
+        text = (text.rstrip("\n") + "\n" if text and text.strip() else "") + yaml.safe_dump(added, sort_keys=False)
     if backend.compile_settings is None:
         return text, ""
     if "startupTimeout" in config:

@@ -19,12 +19,16 @@ from aitune_core.cli import silence_import_notices  # noqa: E402
 
 silence_import_notices()
 
+from ts.metrics.dimension import Dimension  # noqa: E402
 from ts.metrics.metric_type_enum import MetricTypes  # noqa: E402
 from ts.protocol.otf_message_handler import send_intermediate_predict_response  # noqa: E402
 from ts.torch_handler.base_handler import BaseHandler  # noqa: E402
 from ts.utils.util import PredictionException  # noqa: E402
 
 from aitune_core.errors import AITuneError  # noqa: E402
+from aitune_core.generate.batcher import METRICS  # noqa: E402
+from aitune_core.generate.codec import GenerateCodec  # noqa: E402
+from aitune_core.generate.service import GenerateService, is_continuous  # noqa: E402
 from aitune_core.serving import answer_batch, batch_failure, load_model, serving_device  # noqa: E402
 from aitune_core.worker_threads import set_worker_threads, threads_from_config  # noqa: E402
 
@@ -50,27 +54,46 @@ class AITuneHandler(BaseHandler):
         started = time.perf_counter()
         properties = context.system_properties
         device = serving_device(properties.get("gpu_id"))
+        model_config = getattr(context, "model_yaml_config", None)
+        self.context = context
+        self.service = None
         try:
-            threads = set_worker_threads(threads_from_config(getattr(context, "model_yaml_config", None)))
+            threads = set_worker_threads(threads_from_config(model_config))
             self.model = load_model(properties["model_dir"], device, context.manifest["model"].get("modelVersion", "1.0"))
+            if isinstance(self.model.codec, GenerateCodec) and is_continuous(model_config):
+                # TorchServe calls handle once a decode step with every running request (see generate/service.py).
+                self.service = GenerateService(self.model, self._observe)
         except Exception as error:  # one clear line for any failure, not a traceback
             reason = str(error) if isinstance(error, AITuneError) else f"{type(error).__name__}: {error}"
             logger.error("AITune: cannot load model %s: %s", context.model_name, reason)
             raise RuntimeError(f"AITune: cannot load model {context.model_name}: {reason}") from None
-        self.context = context
-        self.batching = (properties.get("batch_size") or 1) > 1
+        self.batching = (properties.get("batch_size") or 1) > 1 and self.service is None
         self.initialized = True
-        notes = "".join(f"; {note}" for note in [threads, *self.model.notes])
+        batching = [f"continuous batching of up to {self.model.codec.options.max_batch} sequences"] if self.service else []
+        notes = "".join(f"; {note}" for note in [threads, *batching, *self.model.notes])
         logger.info("AITune: model %s ready: %s on %s in %.0f ms%s; aitune_core from %s", context.model_name,
                     self.model.backend.describe(), device, (time.perf_counter() - started) * 1000, notes,
                     os.path.dirname(aitune_core.__file__))
 
     def handle(self, data, context):
-        """Each request in its protocol: decode and check, one ``infer`` per compatible group, encode."""
+        """Each request in its protocol: decode and check, one ``infer`` per compatible group, encode.
+
+        A generation archive under TorchServe's continuous batching is called once a decode step instead: each
+        request's reply is this step's text, and ``ts_stream_next`` says whether TorchServe calls again for it.
+        """
         start = time.perf_counter()
         requests = [(request, context.get_all_request_header(index)) for index, request in enumerate(data)]
+        if self.service is not None:
+            replies = self.service.step([(context.request_ids[index], request, headers)
+                                         for index, (request, headers) in enumerate(requests)])
+            context.stopping_criteria = [lambda _, reply=reply: None if reply.more is None else not reply.more
+                                         for reply in replies]
+            return self._reply(context, requests, [reply.response for reply in replies], start)
         responses = answer_batch(self.model, requests, lambda index, body: send_intermediate_predict_response(
             {index: body}, {index: context.request_ids[index]}, "Intermediate response", 200, context))
+        return self._reply(context, requests, responses, start)
+
+    def _reply(self, context, requests, responses, start):
         for index, response in enumerate(responses):
             context.set_response_content_type(index, response.content_type)
             for name, value in response.headers.items():
@@ -83,8 +106,15 @@ class AITuneHandler(BaseHandler):
         if metrics is not None:
             metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000, 2), None, "ms")
             if self.batching:
-                metrics.add_metric("AITuneBatchSize", len(data), "count", metric_type=MetricTypes.HISTOGRAM)
+                metrics.add_metric("AITuneBatchSize", len(requests), "count", metric_type=MetricTypes.HISTOGRAM)
         failure = batch_failure(requests, responses)
         if failure is not None:  # TorchServe turns only a failed batch into a gRPC error status
             raise PredictionException(failure[1], failure[0])
         return [response.body for response in responses]
+
+    def _observe(self, name, value, dimensions):
+        """A batcher's metric as a TorchServe metric of this model (Prometheus on the metrics port)."""
+        unit, kind = METRICS[name]
+        named = [Dimension("ModelName", self.context.model_name), Dimension("Level", "Model"),
+                 *(Dimension(key, text) for key, text in dimensions.items())]
+        self.context.metrics.add_metric(name, value, unit, dimensions=named, metric_type=MetricTypes[kind])

@@ -52,6 +52,56 @@ def prefill(infer: Infer, ids: list[int], slot: int, chunk: int, max_context: in
     return torch.cat(outputs) if every_position else outputs[-1][0]
 
 
+class Sequence:
+    """One request being decoded: sampling, stopping and streaming after each forward, whoever batches it.
+
+    ``take(logits)`` samples the next token from the logits of the last forward, sends the text it completes
+    through ``emit``, and returns the token and the position it goes in for the next forward, or None once
+    the request is finished (``finish`` says why); ``result()`` then gives what it produced.
+    """
+
+    def __init__(self, request: GenerateRequest, tokenizer: Any, eos: set[int], slot: int = 0,
+                 emit: Callable[[str], None] | None = None) -> None:
+        self.request = request
+        self.slot = slot
+        self.eos = eos
+        self.emit = emit
+        self.generator = request.sampling.generator()
+        self.detokenizer = Detokenizer(tokenizer, request.prompt_ids)
+        self.text = StopText(request.stops)
+        self.tokens: list[int] = []
+        self.finish: str | None = None
+
+    def _send(self, piece: str) -> None:
+        if piece and self.emit is not None:
+            self.emit(piece)
+
+    def take(self, logits: torch.Tensor) -> tuple[int, int] | None:
+        """The next (token, position) to run, or None when the request ended with this token."""
+        token = sample(logits.float(), self.request.sampling, self.generator)
+        self.tokens.append(token)
+        if token in self.eos:
+            self.finish = "stop"
+        else:
+            piece, stopped = self.text.add(self.detokenizer.add(token))
+            self._send(piece)
+            if stopped:
+                self.finish = "stop"
+                return None
+            if len(self.tokens) == self.request.max_new_tokens:
+                self.finish = "length"
+        if self.finish is None:
+            return token, len(self.request.prompt_ids) + len(self.tokens) - 1
+        # Ended by an end-of-sequence token or the length: what the detokenizer and stop strings still hold goes out.
+        self._send(self.text.add(self.detokenizer.flush())[0])
+        return None
+
+    def result(self) -> Generation:
+        self._send(self.text.flush())
+        return Generation(text=self.text.text, finish_reason=self.finish or "length",
+                          prompt_tokens=len(self.request.prompt_ids), tokens=self.tokens)
+
+
 class Engine:
     """Generation on one deployed backend's ``infer``, with the archive's tokenizer and limits."""
 
@@ -61,41 +111,22 @@ class Engine:
         self.options = options
         self.eos = set(options.eos_token_ids)
 
+    def start(self, request: GenerateRequest, slot: int, emit: Callable[[str], None] | None = None
+              ) -> tuple[Sequence, tuple[int, int] | None]:
+        """Run ``request``'s prompt into ``slot``; its ``Sequence`` and the first (token, position) to decode."""
+        logits = prefill(self.infer, request.prompt_ids, slot, self.options.prefill_chunk, self.options.max_context)
+        sequence = Sequence(request, self.tokenizer, self.eos, slot, emit)
+        return sequence, sequence.take(logits)
+
     def generate(self, request: GenerateRequest, emit: Callable[[str], None] | None = None,
                  slot: int = 0) -> Generation:
         """Run ``request`` to its end in cache ``slot``; ``emit(piece)`` for each piece of new text."""
-        options = self.options
         # no_grad, not inference_mode: the ids made here must be ordinary tensors, as a compiled backend's
         # warm-up saw them (an inference tensor is a guard failure: a recompile). infer itself runs in inference mode.
         with torch.no_grad():
-            logits = prefill(self.infer, request.prompt_ids, slot, options.prefill_chunk, options.max_context)
-            generator = request.sampling.generator()
-            detokenizer = Detokenizer(self.tokenizer, request.prompt_ids)
-            text = StopText(request.stops)
-            tokens: list[int] = []
-            position = len(request.prompt_ids)
-            finish = "length"
-            while True:
-                token = sample(logits.float(), request.sampling, generator)
-                tokens.append(token)
-                if token in self.eos:
-                    finish = "stop"
-                    break
-                piece, stopped = text.add(detokenizer.add(token))
-                if piece and emit is not None:
-                    emit(piece)
-                if stopped:
-                    finish = "stop"
-                    break
-                if len(tokens) == request.max_new_tokens:
-                    break
-                logits = self.infer(torch.tensor([[token]]), torch.tensor([[position]]), torch.tensor([slot]))[0, -1]
-                position += 1
-            if finish == "length" or (finish == "stop" and tokens[-1] in self.eos):
-                piece, stopped = text.add(detokenizer.flush())
-                if piece and emit is not None:
-                    emit(piece)
-            rest = text.flush()
-            if rest and emit is not None:
-                emit(rest)
-        return Generation(text=text.text, finish_reason=finish, prompt_tokens=len(request.prompt_ids), tokens=tokens)
+            sequence, step = self.start(request, slot, emit)
+            while step is not None:
+                token, position = step
+                logits = self.infer(torch.tensor([[token]]), torch.tensor([[position]]), torch.tensor([slot]))
+                step = sequence.take(logits[0, -1])
+        return sequence.result()

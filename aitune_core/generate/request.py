@@ -74,38 +74,54 @@ def parse(value: Any, tokenizer: Any, options: GenerateOptions) -> GenerateReque
         raise BadRequestError(f"'prompt' must be a non-empty string, got {prompt!r}"[:200])
     if len(prompt) > options.max_prompt_chars:
         raise BadRequestError(f"'prompt' has {len(prompt)} characters, at most {options.max_prompt_chars}")
-    prompt_ids = tokenizer(prompt)["input_ids"]
+    return build(value, list(tokenizer(prompt)["input_ids"]), options)
+
+
+def build(fields: dict[str, Any], prompt_ids: list[int], options: GenerateOptions,
+          names: dict[str, str] | None = None) -> GenerateRequest:
+    """A request from tokenized prompt ids and the optional fields of ``KEYS``, each checked.
+
+    ``names`` maps a field to the name its wire format gives it (OpenAI's ``max_tokens``), so that a 400 names
+    what the client sent.
+    """
+    def name(key: str) -> str:
+        return (names or {}).get(key, key)
+
+    if not prompt_ids:
+        raise BadRequestError(f"'{name('prompt')}' is empty once tokenized: send some text")
     if len(prompt_ids) >= options.max_context:
-        raise BadRequestError(f"'prompt' is {len(prompt_ids)} tokens: the archive's context holds "
+        raise BadRequestError(f"'{name('prompt')}' is {len(prompt_ids)} tokens: the archive's context holds "
                               f"{options.max_context} tokens, prompt and generated together (max_context)")
     room = options.max_context - len(prompt_ids)
-    max_new = _integer(value.get("max_new_tokens", min(options.max_new_tokens, room)), "max_new_tokens")
+    max_new = fields.get("max_new_tokens")
+    max_new = min(options.max_new_tokens, room) if max_new is None else _integer(max_new, name("max_new_tokens"))
     if not 1 <= max_new <= room:
-        raise BadRequestError(f"'max_new_tokens' must be between 1 and {room} (the context of {options.max_context} "
-                              f"tokens less the prompt's {len(prompt_ids)}), got {max_new}")
-    temperature = _number(value.get("temperature", 0.0), "temperature")
+        raise BadRequestError(f"'{name('max_new_tokens')}' must be between 1 and {room} (the context of "
+                              f"{options.max_context} tokens less the prompt's {len(prompt_ids)}), got {max_new}")
+    temperature = _number(fields.get("temperature", 0.0), name("temperature"))
     if temperature < 0:
-        raise BadRequestError(f"'temperature' must be >= 0 (0: greedy), got {temperature:g}")
-    top_p = _number(value.get("top_p", 1.0), "top_p")
+        raise BadRequestError(f"'{name('temperature')}' must be >= 0 (0: greedy), got {temperature:g}")
+    top_p = _number(fields.get("top_p", 1.0), name("top_p"))
     if not 0 < top_p <= 1:
-        raise BadRequestError(f"'top_p' must be in (0, 1], got {top_p:g}")
-    top_k = _integer(value.get("top_k", 0), "top_k")
+        raise BadRequestError(f"'{name('top_p')}' must be in (0, 1], got {top_p:g}")
+    top_k = _integer(fields.get("top_k", 0), name("top_k"))
     if top_k < 0:
-        raise BadRequestError(f"'top_k' must be >= 0 (0: every token), got {top_k}")
-    seed = value.get("seed")
+        raise BadRequestError(f"'{name('top_k')}' must be >= 0 (0: every token), got {top_k}")
+    seed = fields.get("seed")
     if seed is not None:
-        seed = _integer(seed, "seed")
+        seed = _integer(seed, name("seed"))
         if not 0 <= seed < 2**63:
-            raise BadRequestError(f"'seed' must be between 0 and 2**63 - 1, got {seed}")
-    stops = value.get("stop", [])
-    stops = [stops] if isinstance(stops, str) else stops
+            raise BadRequestError(f"'{name('seed')}' must be between 0 and 2**63 - 1, got {seed}")
+    stops = fields.get("stop")
+    stops = [] if stops is None else [stops] if isinstance(stops, str) else stops
     if not isinstance(stops, list) or not all(isinstance(stop, str) and stop for stop in stops):
-        raise BadRequestError(f"'stop' must be a non-empty string or a list of them, got {value.get('stop')!r}"[:200])
+        raise BadRequestError(f"'{name('stop')}' must be a non-empty string or a list of them, "
+                              f"got {fields.get('stop')!r}"[:200])
     if len(stops) > MAX_STOPS:
-        raise BadRequestError(f"'stop' has {len(stops)} strings, at most {MAX_STOPS}")
-    stream = value.get("stream", False)
+        raise BadRequestError(f"'{name('stop')}' has {len(stops)} strings, at most {MAX_STOPS}")
+    stream = fields.get("stream", False)
     if not isinstance(stream, bool):
-        raise BadRequestError(f"'stream' must be true or false, got {stream!r}")
+        raise BadRequestError(f"'{name('stream')}' must be true or false, got {stream!r}")
     return GenerateRequest(prompt_ids=list(prompt_ids), max_new_tokens=max_new,
                            sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
                            stops=stops, stream=stream)

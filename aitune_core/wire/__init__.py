@@ -5,7 +5,8 @@ One module per protocol, each tested without a server:
 - ``torchserve_json``: TorchServe's ``/predictions`` JSON (also the body of a gRPC ``Predictions`` call),
 - ``kserve_v1``: ``{"instances": [...]}`` -> ``{"predictions": [...]}``,
 - ``kserve_v2``: the Open Inference Protocol's REST form, JSON and the binary tensor extension,
-- ``oip_grpc``: the OIP gRPC ``ModelInfer``, which TorchServe's frontend turns into v2 JSON and back.
+- ``oip_grpc``: the OIP gRPC ``ModelInfer``, which TorchServe's frontend turns into v2 JSON and back;
+- ``openai``: OpenAI's completions, chat and models endpoints for a text-generation archive (by ``url_path``).
 
 TorchServe hands a worker every protocol the same way (a dict of parameters plus headers), so
 ``read_request`` tells them apart: gRPC calls carry no request headers at all; a binary v2 request

@@ -142,3 +142,11 @@ def minilm_reference(minilm_inputs):
     module = MiniLMEmbedder()
     module.load_state_dict(torch.load(minilm_inputs / "weights.pt", weights_only=True))
     return module.eval()
+
+
+@pytest.fixture(scope="module")
+def reference(folder):
+    """transformers' own model and tokenizer of the module's causal-LM ``folder``: what generation is held to."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)

@@ -16,7 +16,7 @@ import torch
 
 from aitune_core.archive import ArchiveOptions, archive_model
 from integration.torchserve import TorchServe
-from models.llm_folders import make_llm_folder
+from models.llm_folders import greedy, make_llm_folder
 
 PROMPTS = ["x", "def main(argv):\n    ", "import os\nimport sys\n\n" * 3,
            "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n" * 5]
@@ -35,8 +35,10 @@ def gen_server(tmp_path_factory, folder):
     archive_model(ArchiveOptions(model_name="gen_eager", hf_model=folder, backend="eager", export_path=store))
     archive_model(ArchiveOptions(model_name="gen_int8", hf_model=folder, quantization="int8wo", compile=True,
                                  export_path=store))
+    one_at_a_time = tmp_path_factory.mktemp("config") / "model-config.yaml"
+    one_at_a_time.write_text("continuousBatching: false\n")  # the handler's plain path: one request at a time
     archive_model(ArchiveOptions(model_name="gen_w8", hf_model=folder, backend="weight-only", quantization="int8wo",
-                                 compile=True, export_path=store))
+                                 compile=True, export_path=store, config_file=one_at_a_time))
     instance = TorchServe(tmp_path_factory.mktemp("gen_torchserve"), store,
                           {name: f"{name}.mar" for name in MODELS})
     instance.start()
@@ -46,22 +48,6 @@ def gen_server(tmp_path_factory, folder):
         yield instance
     finally:
         instance.stop()
-
-
-@pytest.fixture(scope="module")
-def reference(folder):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
-
-
-def generate(reference, prompt, max_new_tokens):
-    model, tokenizer = reference
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False)[0, ids.shape[1]:].tolist()
-    return ids.shape[1], out, tokenizer.decode(out, skip_special_tokens=True)
 
 
 def ask(server, model, body):
@@ -96,7 +82,7 @@ def stream(server, model, body):
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_greedy_equals_transformers_generate(gen_server, reference, prompt):
-    prompt_tokens, tokens, text = generate(reference, prompt, 64)
+    prompt_tokens, tokens, text = greedy(reference, prompt, 64)
     answer = ask(gen_server, "gen_eager", {"prompt": prompt, "max_new_tokens": 64})
     assert answer["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens)}
     assert answer["text"] == text
@@ -110,7 +96,7 @@ def test_greedy_equals_transformers_generate(gen_server, reference, prompt):
 
 def test_a_long_prompt_in_chunks(gen_server, reference):
     prompt = "x = [1, 2, 3]\n" * 23  # ~300 tokens: three prefill chunks of 128
-    prompt_tokens, tokens, text = generate(reference, prompt, 16)
+    prompt_tokens, tokens, text = greedy(reference, prompt, 16)
     assert 256 < prompt_tokens < CONTEXT - 16
     assert ask(gen_server, "gen_eager", {"prompt": prompt, "max_new_tokens": 16})["text"] == text
 
@@ -156,19 +142,29 @@ def test_seeded_sampling_repeats_and_stop_strings_are_never_sent(gen_server):
     assert "".join(value["text"] for value, _ in chunks) == stopped["text"]
 
 
-def test_grpc_stream_predictions(gen_server, stubs, reference):
+@pytest.mark.parametrize("model", ["gen_eager", "gen_w8"])
+def test_grpc_stream_predictions(gen_server, stubs, reference, model):
+    """gRPC StreamPredictions streams where TorchServe runs the model one request at a time (gen_w8); under its
+    continuous batching (gen_eager) the whole answer comes in one message (see generate/service.py)."""
     import grpc
 
-    _, _, text = generate(reference, PROMPTS[2], 32)
+    _, _, text = greedy(reference, PROMPTS[2], 32)
+    if model == "gen_w8":  # the quantized archive's own greedy text, as it answers over REST
+        text = ask(gen_server, model, {"prompt": PROMPTS[2], "max_new_tokens": 32})["text"]
     channel = grpc.insecure_channel(f"127.0.0.1:{gen_server.grpc_port}")
     stub = stubs.inference_pb2_grpc.InferenceAPIsServiceStub(channel)
     request = stubs.inference_pb2.PredictionsRequest(
-        model_name="gen_eager", input={"data": json.dumps({"prompt": PROMPTS[2], "max_new_tokens": 32,
-                                                          "stream": True}).encode()})
+        model_name=model, input={"data": json.dumps({"prompt": PROMPTS[2], "max_new_tokens": 32,
+                                                     "stream": True}).encode()})
     metadata = [("authorization", f"Bearer {gen_server.key('inference')}")]
     pieces = [json.loads(reply.prediction) for reply in stub.StreamPredictions(request, metadata=metadata, timeout=120)]
-    assert len(pieces) > 2 and "".join(piece["text"] for piece in pieces) == text
+    assert len(pieces) > 2 if model == "gen_w8" else len(pieces) == 1
+    assert "".join(piece["text"] for piece in pieces) == text
     assert pieces[-1]["usage"]["completion_tokens"] == 32 or pieces[-1]["finish_reason"] == "stop"
+    unary = stub.Predictions(stubs.inference_pb2.PredictionsRequest(
+        model_name=model, input={"data": json.dumps({"prompt": PROMPTS[2], "max_new_tokens": 32}).encode()}),
+        metadata=metadata, timeout=120)
+    assert json.loads(unary.prediction)["text"] == text, unary.prediction
     channel.close()
 
 

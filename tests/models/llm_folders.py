@@ -37,3 +37,14 @@ def make_llm_folder(out: Path, architecture: str = "llama", layers: int = 2, hid
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def greedy(reference, prompt: str | None, max_new_tokens: int, ids: list[int] | None = None):
+    """transformers' ``generate(do_sample=False)`` of ``reference`` (model, tokenizer) on ``prompt`` (or its token
+    ``ids``): (prompt tokens, new token ids, their text)."""
+    model, tokenizer = reference
+    ids = torch.tensor([ids]) if ids is not None else tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False)[0, ids.shape[1]:].tolist()
+    return ids.shape[1], out, tokenizer.decode(out, skip_special_tokens=True)

@@ -1,0 +1,169 @@
+"""A text-generation archive under TorchServe's continuous batching: the handler is called once per decode step.
+
+With ``continuousBatching: true`` in the model-config (what aitune-archive packs for generation), TorchServe's
+frontend keeps up to ``batchSize`` requests in the worker and calls ``handle`` again and again with all of
+them: the ones that just arrived carry their body, the ones still running come back empty. Every call is
+one ``Batcher.step``, and every request gets one reply per call: the text of this step (``more``: the
+frontend sends it as a chunk and calls again) or its end. A request the frontend no longer sends lost its
+client (the frontend drops a job whose connection closed) and frees its sequence. A worker that dies fails
+every request it held (the frontend answers them), and the rest wait in the frontend's job queue
+(``jobQueueSize``; full: 503).
+
+A request keeps its protocol: TorchServe's JSON, OpenAI's API (by its URL, ``wire/openai``). A request that
+is not streamed gets empty chunks until its answer. A gRPC call is run to its end alone in its step and
+answered in one message: TorchServe 0.12 ends a ``Predictions`` call at its first reply, and its
+``GRPCJob.isOpen()`` returns ``isCancelled()``, so continuous batching drops an open ``StreamPredictions``
+after its first chunk (a model-config with ``continuousBatching: false`` streams gRPC, one request at a time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from aitune_core.codecs import Outcome
+from aitune_core.errors import BadRequestError
+from aitune_core.generate.batcher import Batcher, BusyError, Observe, Progress
+from aitune_core.generate.engine import Engine, Generation
+from aitune_core.wire import Call, Request, Response, compact_json, error_for, openai, read_request
+
+
+@dataclasses.dataclass
+class Reply:
+    """One request's reply to one call: a ``Response``, and whether more follow (TorchServe's ``ts_stream_next``:
+    True; False for the last of several; None for a request's only reply, which the frontend must get without
+    the header: it takes a first reply that says ``false`` for a chunk and never answers)."""
+
+    response: Response
+    more: bool | None = None
+
+
+@dataclasses.dataclass
+class Running:
+    """A request in the batch and how its protocol writes each step."""
+
+    request: Request
+    call: Call | openai.OpenAICall
+    stream: bool
+    replied: bool = False  # a first reply went out: the status and content type are sent
+
+    def reply(self, progress: Progress, model: Any) -> Reply:
+        first, self.replied = not self.replied, True
+        reply = self._openai(progress, first) if isinstance(self.call, openai.OpenAICall) else self._json(
+            progress, first, model)
+        if reply.more is None and (not first or self.request.is_grpc):  # gRPC's stream reads the header always
+            reply.more = False
+        return reply
+
+    def _json(self, progress: Progress, first: bool, model: Any) -> Reply:
+        codec, info = model.codec, model.info
+        if progress.error is not None:
+            status, message = _failure(progress.error)
+            if first or not self.stream:
+                return Reply(self.call.encode(Outcome.failed(status, message), self.call, codec, info))
+            return Reply(Response(200, compact_json({"text": "", "error": message}), error=message))
+        generation = progress.generation
+        if generation is None:
+            return Reply(Response(200, compact_json({"text": progress.text}) if self.stream else b""), more=True)
+        output = {"text": progress.text, "finish_reason": generation.finish_reason,
+                  "usage": generation.answer()["usage"]} if self.stream else generation
+        return Reply(self.call.encode(Outcome(200, output), self.call, codec, info))
+
+    def _openai(self, progress: Progress, first: bool) -> Reply:
+        call = self.call
+        if progress.error is not None:
+            status, message = _failure(progress.error)
+            if first or not self.stream:
+                return Reply(openai.error_response(status, message))
+            return Reply(Response(200, call.failed(status, message) + openai.DONE, openai.SSE_CONTENT_TYPE))
+        if not self.stream:
+            done = progress.generation is not None
+            return Reply(call.answer(progress.generation) if done else Response(200, b""), more=not done)
+        events = (call.opening() if first else []) + ([call.piece(progress.text)] if progress.text else [])
+        if progress.generation is None:
+            return Reply(Response(200, "".join(events), openai.SSE_CONTENT_TYPE), more=True)
+        events += [*call.closing(progress.generation), openai.DONE]
+        return Reply(Response(200, "".join(events), openai.SSE_CONTENT_TYPE))
+
+
+def _failure(error: BaseException) -> tuple[int, str]:
+    if isinstance(error, BusyError):
+        return 503, str(error)
+    return 500, f"generation failed: {type(error).__name__}: {error}"
+
+
+class GenerateService:
+    """One ``Batcher`` on the loaded model's backend; ``step`` answers one call of TorchServe's continuous batching."""
+
+    def __init__(self, model: Any, observe: Observe | None = None) -> None:
+        self.model = model
+        codec = model.codec
+        self.engine = Engine(model.backend.infer, codec.tokenizer, codec.options)
+        self.batcher = Batcher(self.engine, codec.options.max_batch, observe)
+        self.running: dict[str, Running] = {}
+
+    def step(self, requests: list[tuple[str, dict[str, Any], dict[str, Any] | None]]) -> list[Reply]:
+        """``(request id, parameters, headers)`` of every request of the call (a running one has no parameters)
+        -> each one's reply, in order."""
+        replies: dict[str, Reply] = {}
+        arrivals, continuing = {}, []
+        for request_id, parameters, headers in requests:
+            if request_id in self.running:
+                continuing.append(request_id)
+                continue
+            request = Request.from_torchserve(parameters, headers)
+            started = self._start(request)
+            if isinstance(started, Reply):
+                started.more = False if request.is_grpc else None
+                replies[request_id] = started
+            elif started.request.is_grpc:
+                replies[request_id] = started.reply(self._alone(started), self.model)
+            else:
+                self.running[request_id] = started
+                arrivals[request_id] = started.call.request if isinstance(started.call, openai.OpenAICall) \
+                    else started.call.inputs
+        for request_id in [key for key in self.running if key not in arrivals and key not in continuing]:
+            del self.running[request_id]  # its client went away: the batcher frees its sequence
+        for request_id, progress in self.batcher.step(arrivals, continuing).items():
+            replies[request_id] = self.running[request_id].reply(progress, self.model)
+            if progress.finished:
+                del self.running[request_id]
+        return [replies[request_id] for request_id, _, _ in requests]
+
+    def _start(self, request: Request) -> Running | Reply:
+        """A new request decoded in its protocol, or its reply at once (a bad request, ``/v1/models``)."""
+        codec = self.model.codec
+        if openai.is_openai(request):
+            try:
+                call = openai.read(request, codec.tokenizer, codec.options, self.model.info.name)
+            except openai.OpenAIError as error:
+                return Reply(openai.error_response(error.status, str(error), error.param, error.code))
+            except BadRequestError as error:
+                return Reply(openai.error_response(400, str(error)))
+            if isinstance(call, Response):
+                return Reply(call)
+            return Running(request, call, call.request.stream)
+        try:
+            call = read_request(request, codec)
+        except BadRequestError as error:
+            return Reply(error_for(request, 400, str(error), self.model.info))
+        return Running(request, call, call.inputs.stream)
+
+    def _alone(self, running: Running) -> Progress:
+        """A gRPC call, run to its end now in a free slot (its reply is its only one)."""
+        if not self.batcher.free_slots:
+            return Progress(error=BusyError("all cache slots are decoding: retry later"))
+        slot = self.batcher.free_slots.pop(0)
+        try:
+            generation: Generation = self.engine.generate(running.call.inputs, slot=slot)
+        except Exception as error:  # noqa: BLE001
+            return Progress(error=error)
+        finally:
+            self.batcher.free_slots.append(slot)
+        return Progress(text=generation.text, generation=generation)
+
+
+def is_continuous(model_config: dict[str, Any] | None) -> bool:
+    """Whether TorchServe batches this model continuously (``continuousBatching: true`` in its model-config)."""
+    return bool((model_config or {}).get("continuousBatching"))
+

@@ -1,0 +1,184 @@
+"""A generation archive's requests as TorchServe's continuous batching hands them over, without a server: each
+call one step, each request one reply per call, in its protocol (TorchServe's JSON, OpenAI's API and SSE)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from aitune_core.backends import make_backend
+from aitune_core.generate.codec import GenerateCodec
+from aitune_core.generate.engine import Engine
+from aitune_core.generate.prepare import prepare
+from aitune_core.generate.request import parse
+from aitune_core.generate.service import GenerateService
+from aitune_core.graph_spec import GraphSpec
+from aitune_core.wire import ModelInfo, Request, openai
+from models.llm_folders import make_llm_folder, make_tokenizer
+
+CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+class Loaded:
+    """What serving.load_model gives a handler: the deployed backend, the codec, the model's name."""
+
+    def __init__(self, prepared):
+        spec, _ = GraphSpec.record(prepared.module, prepared.samples)
+        self.backend = make_backend("eager").build(prepared.module, spec, prepared.samples, "cpu")
+        self.codec = GenerateCodec(prepared.options, prepared.tokenizer)
+        self.info = ModelInfo("llm")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    tokenizer = make_tokenizer(512)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    folder = make_llm_folder(tmp_path_factory.mktemp("llm") / "llama", tokenizer=tokenizer)
+    return prepare(Path(folder), 256, 4)
+
+
+@pytest.fixture(scope="module")
+def model(prepared):
+    return Loaded(prepared)
+
+
+def rest(body, path=None):
+    headers = {"body": {"content-type": "application/json"}, "url_path": path or ""}
+    return {"body": json.dumps(body).encode()}, headers
+
+
+def run(service, requests, gone_after=None):
+    """Call ``service.step`` as TorchServe does until every request ended: (bodies joined, replies) per id."""
+    pending = dict(requests)
+    bodies, replies, turn = {key: b"" for key in pending}, {key: [] for key in pending}, 0
+    while pending:
+        if gone_after is not None and turn == gone_after[1]:
+            pending.pop(gone_after[0])
+        call = [(key, *pending[key]) if not replies[key] else (key, {}, pending[key][1]) for key in pending]
+        for (key, _, _), reply in zip(call, service.step(call)):
+            body = reply.response.body
+            bodies[key] += body.encode() if isinstance(body, str) else body
+            replies[key].append(reply)
+            if not reply.more:
+                pending.pop(key)
+        turn += 1
+    return bodies, replies
+
+
+def test_streams_in_each_protocol_answer_as_alone(model, prepared):
+    options, tokenizer = prepared.options, prepared.tokenizer
+    engine = Engine(prepared.module, tokenizer, options)
+    expected = engine.generate(parse({"prompt": "The quick brown fox", "max_new_tokens": 20}, tokenizer, options))
+    service = GenerateService(model)
+    bodies, replies = run(service, {
+        "ts": rest({"prompt": "The quick brown fox", "max_new_tokens": 20, "stream": True}),
+        "whole": rest({"prompt": "The quick brown fox", "max_new_tokens": 20}),
+        "sse": rest({"prompt": "The quick brown fox", "max_tokens": 20, "temperature": 0, "stream": True,
+                     "stream_options": {"include_usage": True}}, "v1/completions"),
+        "chat": rest({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0,
+                      "stream": True}, "v1/chat/completions")})
+    decoder, pieces, text = json.JSONDecoder(), [], bodies["ts"].decode()
+    while text:
+        value, end = decoder.raw_decode(text)
+        pieces.append(value)
+        text = text[end:]
+    assert "".join(piece["text"] for piece in pieces) == expected.text
+    assert pieces[-1]["usage"] == {"prompt_tokens": expected.prompt_tokens, "completion_tokens": len(expected.tokens)}
+    assert json.loads(bodies["whole"])["text"] == expected.text  # the empty chunks before it add nothing
+    assert [reply.more for reply in replies["ts"]][-2:] == [True, False]
+    events = bodies["sse"].decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    payloads = [json.loads(event[len("data: "):]) for event in events[:-2]]
+    assert "".join(choice["text"] for payload in payloads for choice in payload["choices"]) == expected.text
+    assert payloads[-1]["choices"] == [] and payloads[-1]["usage"]["completion_tokens"] == len(expected.tokens)
+    assert replies["sse"][0].response.content_type == "text/event-stream"
+    chat = [json.loads(event[len("data: "):]) for event in bodies["chat"].decode().split("\n\n")[:-2]]
+    assert chat[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chat[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert not service.running and len(service.batcher.free_slots) == 4
+
+
+def test_only_replies_carry_no_stream_header_and_errors_keep_their_shape(model):
+    service = GenerateService(model)
+    bodies, replies = run(service, {"models": ({}, {"url_path": "v1/models"}),
+                                    "bad": rest({"prompt": ""}),
+                                    "n": rest({"prompt": "x", "n": 2}, "v1/completions"),
+                                    "short": rest({"prompt": "x", "max_new_tokens": 1})})
+    assert all(len(replies[key]) == 1 and replies[key][0].more is None for key in replies)
+    assert json.loads(bodies["models"])["data"][0]["id"] == "llm"
+    assert replies["bad"][0].response.status == 400 and "'prompt' must be a non-empty" in json.loads(bodies["bad"])[
+        "error"]
+    error = json.loads(bodies["n"])["error"]
+    assert replies["n"][0].response.status == 400 and error["param"] == "n" and error["type"] == "invalid_request_error"
+    assert json.loads(bodies["short"])["usage"]["completion_tokens"] == 1
+
+
+def test_a_request_the_frontend_stops_sending_is_dropped(model):
+    service = GenerateService(model)
+    bodies, _ = run(service, {"gone": rest({"prompt": "x", "max_new_tokens": 50, "stream": True}),
+                              "stays": rest({"prompt": "y", "max_new_tokens": 10})}, gone_after=("gone", 3))
+    assert json.loads(bodies["stays"])["usage"]["completion_tokens"] <= 10
+    assert not service.running and len(service.batcher.free_slots) == 4
+
+
+def test_grpc_calls_are_answered_in_one_message(model):
+    service = GenerateService(model)
+    [reply] = service.step([("g", {"data": json.dumps({"prompt": "x", "max_new_tokens": 4, "stream": True})}, {})])
+    assert reply.more is False and json.loads(reply.response.body)["usage"]["completion_tokens"] <= 4
+
+
+@pytest.mark.parametrize("path, body, status, message", [
+    ("v1/completions", {"prompt": "x", "best_of": 3}, 400, "'best_of' is supported only as 1 or null"),
+    ("v1/completions", {"prompt": ["a", "b"]}, 400, "one prompt per request"),
+    ("v1/completions", {"prompt": "x", "model": "other"}, 404, "the model 'other' does not exist here"),
+    ("v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "only allowed with"),
+    ("v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "'max_tokens' must be between 1 and"),
+    ("v1/chat/completions", {"messages": []}, 400, "'messages' must be a non-empty list"),
+    ("v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "a 'role' among"),
+    ("v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "images and audio are not supported"),
+    ("v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, 400,
+     "'max_completion_tokens' must be between"),
+    ("v1/embeddings", {"input": "x"}, 404, "unknown endpoint /v1/embeddings"),
+])
+def test_openai_requests_refused_with_a_reason(prepared, path, body, status, message):
+    request = Request({"body": json.dumps(body).encode()}, {"body": "application/json"}, {"url_path": path})
+    with pytest.raises(openai.OpenAIError, match=message.replace("(", r"\(")) as raised:
+        openai.read(request, prepared.tokenizer, prepared.options, "llm")
+    assert raised.value.status == status
+
+
+def test_openai_defaults_and_the_chat_template(prepared):
+    def read(path, body):
+        return openai.read(Request({"body": json.dumps(body).encode()}, {}, {"url_path": path}), prepared.tokenizer,
+                           prepared.options, "llm")
+
+    completion = read("v1/completions", {"prompt": "hello", "temperature": None, "max_tokens": None})
+    assert completion.request.max_new_tokens == openai.COMPLETION_MAX_TOKENS  # OpenAI's default
+    assert completion.request.sampling.temperature == 1.0 and not completion.request.stream
+    chat = read("v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]})
+    rendered = prepared.tokenizer("<|user|>hi\n<|assistant|>", add_special_tokens=False)["input_ids"]
+    assert chat.request.prompt_ids == rendered
+    assert chat.request.max_new_tokens == prepared.options.max_context - len(rendered)
+    without = make_tokenizer(512)
+    with pytest.raises(openai.OpenAIError, match="no chat template"):
+        openai.read(Request({"body": json.dumps({"messages": [{"role": "user", "content": "x"}]})}, {},
+                            {"url_path": "v1/chat/completions"}), without, prepared.options, "llm")
+
+
+def test_archive_packs_continuous_batching(tmp_path, prepared):
+    import zipfile
+
+    import yaml
+
+    from aitune_core.archive import ArchiveOptions, archive_model
+
+    own = tmp_path / "model-config.yaml"
+    own.write_text("jobQueueSize: 8\nresponseTimeout: 300\n")
+    archive_model(ArchiveOptions(model_name="llm", hf_model=prepared.folder, backend="eager", max_batch=4,
+                                 config_file=own, export_path=tmp_path))
+    with zipfile.ZipFile(tmp_path / "llm.mar") as mar:
+        config = yaml.safe_load(mar.read("model-config.yaml"))
+    assert config == {"jobQueueSize": 8, "responseTimeout": 300, "continuousBatching": True, "batchSize": 4,
+                      "maxBatchDelay": 5}
