@@ -124,6 +124,7 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
     archive_path = _archive_path(options)
 
     source = _hf_source(options, progress) if options.hf_model is not None else _module_file_source(options, progress)
+    settings = source.worker_settings(config) if source.worker_settings else {}
     module, samples = source.module, source.samples
     progress(f"Recording inputs and outputs on {source.sample_names}")
     try:
@@ -176,7 +177,7 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
         min_cosine, build_seconds = primary.min_cosine, primary.build_s + primary.first_call_s
         progress("Variants: " + "; ".join(f"{v.name} ({v.describe}) for {v.needs()}" for v in variants))
 
-    model_config, startup_note = _model_config(config_text, config, backend, build_seconds, source.worker_settings)
+    model_config, startup_note = _model_config(config_text, config, backend, build_seconds, settings)
     if startup_note:
         progress(startup_note)
     request = source.check_request(backend) if source.check_request else _check_text_codec(options, backend)
@@ -236,8 +237,9 @@ class _Source:
     tune: Callable[[GraphSpec, torch.device, TuneOptions], tuple[Backend, float]] | None = None
     # False: the logits' cosine is reported, the source's own gate decides (generation's top-1 and KL)
     cosine_gate: bool = True
-    # model-config settings the model needs unless the user's --config-file sets them
-    worker_settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # the user's --config-file (parsed) -> model-config settings the model needs that it does not set; ArchiveError
+    # for settings the model cannot serve with
+    worker_settings: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
 
 def _module_file_source(options: ArchiveOptions, progress: Callable[[str], None]) -> _Source:
@@ -305,10 +307,17 @@ def _hf_source(options: ArchiveOptions, progress: Callable[[str], None]) -> _Sou
                    packages=list(PACKAGES), check_request=check_request)
 
 
-def continuous_batching(max_batch: int) -> dict[str, Any]:
+def continuous_batching(max_batch: int, config: dict[str, Any]) -> dict[str, Any]:
     """The model-config of a text-generation archive: TorchServe's continuous batching of up to ``max_batch``
     requests (the KV cache's slots; see generate/service.py), 5 ms to gather the first requests of an idle
-    worker, and a queue of 64 requests waiting in the frontend (full: 503)."""
+    worker, and a queue of 64 requests waiting in the frontend (full: 503); nothing where the user's ``config``
+    turns continuous batching off (the worker then answers one request at a time)."""
+    if config.get("continuousBatching") is False:
+        return {}
+    batch = config.get("batchSize", max_batch)
+    if isinstance(batch, int) and batch > max_batch:
+        raise ArchiveError(f"--config-file sets batchSize {batch}, but the KV cache holds {max_batch} sequences: "
+                           f"give --max-batch {batch}, or a batchSize of at most {max_batch}")
     return {"continuousBatching": True, "batchSize": max_batch, "maxBatchDelay": 5, "jobQueueSize": 64}
 
 
@@ -341,7 +350,7 @@ def _generation_source(options: ArchiveOptions, progress: Callable[[str], None],
                    model_section=prepared.model_section(), write_files=prepared.write_files, packages=packages,
                    check_request=lambda backend: prepared.check(backend, progress, options.min_top1, options.max_kl),
                    cosine_gate=False, tune=tune,
-                   worker_settings=continuous_batching(config.max_batch))
+                   worker_settings=lambda user: continuous_batching(config.max_batch, user))
 
 
 def _tuning_files(reports: list[TuneReport]) -> dict[str, bytes]:

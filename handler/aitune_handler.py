@@ -62,7 +62,7 @@ class AITuneHandler(BaseHandler):
             self.model = load_model(properties["model_dir"], device, context.manifest["model"].get("modelVersion", "1.0"))
             if isinstance(self.model.codec, GenerateCodec) and is_continuous(model_config):
                 # TorchServe calls handle once a decode step with every running request (see generate/service.py).
-                self.service = GenerateService(self.model, self._observe)
+                self.service = GenerateService(self.model, self._observe, context.model_name)
         except Exception as error:  # one clear line for any failure, not a traceback
             reason = str(error) if isinstance(error, AITuneError) else f"{type(error).__name__}: {error}"
             logger.error("AITune: cannot load model %s: %s", context.model_name, reason)

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 # What the batcher reports, by name: (unit, kind). The handler turns each into a TorchServe metric.
 METRICS = {
-    "TimeToFirstToken": ("ms", "HISTOGRAM"),  # from the request reaching the worker to its first token
+    "TimeToFirstToken": ("ms", "HISTOGRAM"),  # from the start of the step it joined to its first token
     "TimeBetweenTokens": ("ms", "HISTOGRAM"),  # one request's mean time from a token to the next
     "GeneratedTokens": ("count", "COUNTER"),
     "PromptTokens": ("count", "COUNTER"),
@@ -58,9 +58,8 @@ class Progress:
 @dataclasses.dataclass
 class Live:
     sequence: Sequence
-    step: tuple[int, int]  # the (token, position) of its next decode step
+    step: tuple[int, int] | None  # the (token, position) of its next decode step
     progress: Progress
-    arrived: float
     first_token_at: float
 
 
@@ -84,10 +83,11 @@ class Batcher:
         progress = {key: self.live[key].progress if key in self.live else Progress(
             error=KeyError(f"request {key} is not decoding in this worker")) for key in continuing}
         decoding = list(self.live)
+        started = time.perf_counter()
         # no_grad, not inference_mode: see Engine.generate.
         with torch.no_grad():
             for key, request in arrivals.items():
-                progress[key] = self._admit(key, request)
+                progress[key] = self._admit(key, request, started)
             if decoding:
                 self._decode(decoding)
         for live in self.live.values():  # a fresh record for the next turn
@@ -97,28 +97,44 @@ class Batcher:
             self.observe("LiveSequences", len(self.live), {})
         return progress
 
-    def _admit(self, key: str, request: GenerateRequest) -> Progress:
-        """The prompt into a free slot and the first token: live, or already finished."""
+    def run_alone(self, request: GenerateRequest) -> Progress:
+        """``request`` to its end now, in a free slot (for a caller that must answer it in one reply)."""
+        if not self.free_slots:
+            return self._failed(BusyError(f"all {len(self.live)} cache slots are decoding: retry later"))
+        slot = self.free_slots.pop(0)
+        try:
+            generation = self.engine.generate(request, slot=slot)
+        except Exception as error:  # noqa: BLE001 - this request fails; the others go on
+            logger.exception("Generation failed in a request run alone")
+            return self._failed(error)
+        finally:
+            self.free_slots.append(slot)
+        self.observe("PromptTokens", generation.prompt_tokens, {})
+        self.observe("GeneratedTokens", len(generation.tokens), {})
+        self.observe("RequestsFinished", 1, {"Reason": generation.finish_reason})
+        return Progress(text=generation.text, generation=generation)
+
+    def _admit(self, key: str, request: GenerateRequest, started: float) -> Progress:
+        """The prompt into a free slot and the first token: live under ``key``, or already finished."""
         if not self.free_slots:
             return self._failed(BusyError(f"all {len(self.live)} cache slots are decoding: retry later"))
         slot = self.free_slots.pop(0)
         progress = Progress()
-        arrived = time.perf_counter()
         try:
             sequence, step = self.engine.start(request, slot, self._collect(progress))
         except Exception as error:  # noqa: BLE001 - this request fails; the others go on
-            logger.exception("Generation failed in the prompt of request %s", key)
+            logger.exception("Generation failed in the prompt of a request")
             self.free_slots.append(slot)
             return self._failed(error)
         now = time.perf_counter()
-        self.observe("TimeToFirstToken", (now - arrived) * 1000, {})
-        self.observe("PromptTokens", len(request.prompt_ids), {})
-        live = Live(sequence, step, progress, arrived, now)
+        live = Live(sequence, step, progress, now)
         if step is None:
             self.free_slots.append(slot)
-            return self._finish(live, now)
-        self.live[key] = live
-        return progress
+        else:
+            self.live[key] = live
+        self.observe("TimeToFirstToken", (now - started) * 1000, {})
+        self.observe("PromptTokens", len(request.prompt_ids), {})
+        return self._finish(live, now) if step is None else progress
 
     def _decode(self, keys: list[str]) -> None:
         """One decode step of the sequences ``keys``, in one ``infer``."""
@@ -136,12 +152,16 @@ class Batcher:
             return
         now = time.perf_counter()
         for row, (key, live) in enumerate(zip(keys, rows)):
-            step = live.sequence.take(logits[row, -1])
-            if step is None:
+            try:
+                live.step = live.sequence.take(logits[row, -1])
+            except Exception as error:  # noqa: BLE001 - e.g. its sampling: this request fails, the others go on
+                logger.exception("Generation failed in a decode step of request %s", key)
+                self._leave(key, "error")
+                live.progress.error = error
+                continue
+            if live.step is None:
                 self._leave(key, None)
                 self._finish(live, now)
-            else:
-                live.step = step
 
     def _collect(self, progress: Progress) -> Callable[[str], None]:
         def emit(piece: str) -> None:
@@ -153,6 +173,7 @@ class Batcher:
         live = self.live.pop(key)
         self.free_slots.append(live.sequence.slot)
         if reason is not None:
+            self.observe("GeneratedTokens", len(live.sequence.tokens), {})
             self.observe("RequestsFinished", 1, {"Reason": reason})
 
     def _finish(self, live: Live, now: float) -> Progress:

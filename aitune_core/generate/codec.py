@@ -4,6 +4,8 @@ TorchServe's JSON (``/predictions``) and gRPC ``Predictions``/``StreamPrediction
 with ``"stream": true`` has each new piece of text sent as soon as it is decoded (``{"text": piece}``,
 through the ``send`` the handler gives: TorchServe's intermediate responses) and ends with
 ``{"text": "", "finish_reason", "usage"}``; otherwise one answer ``{"text", "finish_reason", "usage"}``.
+This is the path of a worker that answers one request at a time; under TorchServe's continuous batching
+``service.py`` answers instead (one chunk a decode step, the last one carrying the rest of the text).
 """
 
 from __future__ import annotations
@@ -65,6 +67,5 @@ class GenerateCodec:
             stream = request.stream and send is not None
             emit = (lambda piece, index=index: send(index, {"text": piece})) if stream else None
             generation = engine.generate(request, emit)
-            outcomes.append(Outcome(200, {"text": "", "finish_reason": generation.finish_reason,
-                                          "usage": generation.answer()["usage"]} if stream else generation))
+            outcomes.append(Outcome(200, generation.last_chunk("") if stream else generation))
         return outcomes

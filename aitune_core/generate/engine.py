@@ -31,7 +31,11 @@ class Generation:
     tokens: list[int]
 
     def answer(self) -> dict[str, Any]:
-        return {"text": self.text, "finish_reason": self.finish_reason,
+        return self.last_chunk(self.text)
+
+    def last_chunk(self, text: str) -> dict[str, Any]:
+        """A stream's last JSON object: the ``text`` not sent yet, why it ended and the token counts."""
+        return {"text": text, "finish_reason": self.finish_reason,
                 "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.tokens)}}
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from aitune_core.errors import BadRequestError
@@ -14,6 +15,7 @@ from aitune_core.generate.sampling import SamplingParams
 
 KEYS = ("prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream")
 MAX_STOPS = 16
+MIN_TEMPERATURE = 1e-4
 
 
 @dataclasses.dataclass
@@ -49,8 +51,8 @@ class GenerateRequest:
 
 
 def _number(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadRequestError(f"'{name}' must be a number, got {type(value).__name__}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BadRequestError(f"'{name}' must be a finite number, got {value!r}"[:200])
     return float(value)
 
 
@@ -101,6 +103,8 @@ def build(fields: dict[str, Any], prompt_ids: list[int], options: GenerateOption
     temperature = _number(fields.get("temperature", 0.0), name("temperature"))
     if temperature < 0:
         raise BadRequestError(f"'{name('temperature')}' must be >= 0 (0: greedy), got {temperature:g}")
+    if temperature < MIN_TEMPERATURE:  # dividing the logits by less overflows them: the same as greedy
+        temperature = 0.0
     top_p = _number(fields.get("top_p", 1.0), name("top_p"))
     if not 0 < top_p <= 1:
         raise BadRequestError(f"'{name('top_p')}' must be in (0, 1], got {top_p:g}")

@@ -19,13 +19,17 @@ after its first chunk (a model-config with ``continuousBatching: false`` streams
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 from aitune_core.codecs import Outcome
 from aitune_core.errors import BadRequestError
 from aitune_core.generate.batcher import Batcher, BusyError, Observe, Progress
-from aitune_core.generate.engine import Engine, Generation
+from aitune_core.generate.engine import Engine
+from aitune_core.generate.request import GenerateRequest
 from aitune_core.wire import Call, Request, Response, compact_json, error_for, openai, read_request
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -47,6 +51,10 @@ class Running:
     stream: bool
     replied: bool = False  # a first reply went out: the status and content type are sent
 
+    @property
+    def generate_request(self) -> GenerateRequest:
+        return self.call.request if isinstance(self.call, openai.OpenAICall) else self.call.inputs
+
     def reply(self, progress: Progress, model: Any) -> Reply:
         first, self.replied = not self.replied, True
         reply = self._openai(progress, first) if isinstance(self.call, openai.OpenAICall) else self._json(
@@ -65,8 +73,7 @@ class Running:
         generation = progress.generation
         if generation is None:
             return Reply(Response(200, compact_json({"text": progress.text}) if self.stream else b""), more=True)
-        output = {"text": progress.text, "finish_reason": generation.finish_reason,
-                  "usage": generation.answer()["usage"]} if self.stream else generation
+        output = generation.last_chunk(progress.text) if self.stream else generation
         return Reply(self.call.encode(Outcome(200, output), self.call, codec, info))
 
     def _openai(self, progress: Progress, first: bool) -> Reply:
@@ -93,20 +100,24 @@ def _failure(error: BaseException) -> tuple[int, str]:
 
 
 class GenerateService:
-    """One ``Batcher`` on the loaded model's backend; ``step`` answers one call of TorchServe's continuous batching."""
+    """One ``Batcher`` on the loaded model's backend; ``step`` answers one call of TorchServe's continuous batching.
 
-    def __init__(self, model: Any, observe: Observe | None = None) -> None:
+    ``name``: the model's name in TorchServe (what OpenAI's ``model`` must say), the archive's by default.
+    """
+
+    def __init__(self, model: Any, observe: Observe | None = None, name: str | None = None) -> None:
         self.model = model
+        self.name = name or model.info.name
         codec = model.codec
-        self.engine = Engine(model.backend.infer, codec.tokenizer, codec.options)
-        self.batcher = Batcher(self.engine, codec.options.max_batch, observe)
+        self.batcher = Batcher(Engine(model.backend.infer, codec.tokenizer, codec.options), codec.options.max_batch,
+                               observe)
         self.running: dict[str, Running] = {}
 
     def step(self, requests: list[tuple[str, dict[str, Any], dict[str, Any] | None]]) -> list[Reply]:
         """``(request id, parameters, headers)`` of every request of the call (a running one has no parameters)
         -> each one's reply, in order."""
         replies: dict[str, Reply] = {}
-        arrivals, continuing = {}, []
+        arrivals, continuing, alone = {}, [], {}
         for request_id, parameters, headers in requests:
             if request_id in self.running:
                 continuing.append(request_id)
@@ -116,51 +127,41 @@ class GenerateService:
             if isinstance(started, Reply):
                 started.more = False if request.is_grpc else None
                 replies[request_id] = started
-            elif started.request.is_grpc:
-                replies[request_id] = started.reply(self._alone(started), self.model)
+            elif request.is_grpc:
+                alone[request_id] = started
             else:
                 self.running[request_id] = started
-                arrivals[request_id] = started.call.request if isinstance(started.call, openai.OpenAICall) \
-                    else started.call.inputs
+                arrivals[request_id] = started.generate_request
         for request_id in [key for key in self.running if key not in arrivals and key not in continuing]:
             del self.running[request_id]  # its client went away: the batcher frees its sequence
         for request_id, progress in self.batcher.step(arrivals, continuing).items():
             replies[request_id] = self.running[request_id].reply(progress, self.model)
             if progress.finished:
                 del self.running[request_id]
+        for request_id, started in alone.items():  # after the step, which freed the slots of clients gone
+            replies[request_id] = started.reply(self.batcher.run_alone(started.generate_request), self.model)
         return [replies[request_id] for request_id, _, _ in requests]
 
     def _start(self, request: Request) -> Running | Reply:
         """A new request decoded in its protocol, or its reply at once (a bad request, ``/v1/models``)."""
         codec = self.model.codec
-        if openai.is_openai(request):
-            try:
-                call = openai.read(request, codec.tokenizer, codec.options, self.model.info.name)
-            except openai.OpenAIError as error:
-                return Reply(openai.error_response(error.status, str(error), error.param, error.code))
-            except BadRequestError as error:
-                return Reply(openai.error_response(400, str(error)))
-            if isinstance(call, Response):
-                return Reply(call)
-            return Running(request, call, call.request.stream)
+        is_openai = openai.is_openai(request)
         try:
-            call = read_request(request, codec)
+            if not is_openai:
+                call = read_request(request, codec)
+                return Running(request, call, call.inputs.stream)
+            call = openai.read(request, codec.tokenizer, codec.options, self.name)
+            return Reply(call) if isinstance(call, Response) else Running(request, call, call.request.stream)
+        except openai.OpenAIError as error:
+            return Reply(openai.error_response(error.status, str(error), error.param, error.code))
         except BadRequestError as error:
-            return Reply(error_for(request, 400, str(error), self.model.info))
-        return Running(request, call, call.inputs.stream)
-
-    def _alone(self, running: Running) -> Progress:
-        """A gRPC call, run to its end now in a free slot (its reply is its only one)."""
-        if not self.batcher.free_slots:
-            return Progress(error=BusyError("all cache slots are decoding: retry later"))
-        slot = self.batcher.free_slots.pop(0)
-        try:
-            generation: Generation = self.engine.generate(running.call.inputs, slot=slot)
-        except Exception as error:  # noqa: BLE001
-            return Progress(error=error)
-        finally:
-            self.batcher.free_slots.append(slot)
-        return Progress(text=generation.text, generation=generation)
+            return Reply(openai.error_response(400, str(error)) if is_openai else
+                         error_for(request, 400, str(error), self.model.info))
+        except Exception as error:  # noqa: BLE001 - this request fails alone; the batch goes on
+            logger.exception("A generation request could not be read")
+            message = f"the request could not be read: {type(error).__name__}: {error}"
+            return Reply(openai.error_response(500, message) if is_openai else
+                         error_for(request, 500, message, self.model.info))
 
 
 def is_continuous(model_config: dict[str, Any] | None) -> bool:

@@ -49,8 +49,7 @@ def is_openai(request: Request) -> bool:
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> Response:
-    kind = {404: "not_found_error", 503: "server_error"}.get(status, "invalid_request_error" if status < 500
-                                                           else "server_error")
+    kind = "invalid_request_error" if status < 500 else "server_error"
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return Response(status, compact_json(body), error=message)
 
@@ -141,15 +140,16 @@ def read(request: Request, tokenizer: Any, options: GenerateOptions, model_name:
     if unknown:
         raise OpenAIError(f"unsupported parameter(s) {', '.join(map(repr, unknown))} for /{path}", param=unknown[0])
     for key, allowed in NEUTRAL.items():
-        if key in body and allowed and not any(body[key] == value and type(body[key]) is type(value)
-                                               for value in allowed):
+        if key in body and allowed and not any(_same(body[key], value) for value in allowed):
             shown = " or ".join(json.dumps(value) for value in allowed)
             raise OpenAIError(f"'{key}' is supported only as {shown}, got {json.dumps(body[key])[:80]}", param=key)
     model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise OpenAIError(f"'model' must be a string, got {json.dumps(model)[:80]}", param="model")
     if model is not None and model != model_name:
         raise OpenAIError(f"the model '{model}' does not exist here: this endpoint serves '{model_name}'",
                           param="model", status=404, code="model_not_found")
-    prompt_ids = _chat_ids(body, tokenizer) if chat else _prompt_ids(body, tokenizer, options)
+    prompt_ids = _chat_ids(body, tokenizer, options) if chat else _prompt_ids(body, tokenizer, options)
     def given(key: str, default: Any = None) -> Any:  # clients send null for "not given"
         return default if body.get(key) is None else body[key]
 
@@ -175,6 +175,13 @@ def read(request: Request, tokenizer: Any, options: GenerateOptions, model_name:
         raise OpenAIError("'stream_options' is only allowed with \"stream\": true", param="stream_options")
     include_usage = bool((stream_options or {}).get("include_usage", False))
     return OpenAICall(chat=chat, request=generate, model=model_name, include_usage=include_usage)
+
+
+def _same(given: Any, allowed: Any) -> bool:
+    """JSON equality where true is not 1 and 0.0 is 0."""
+    if isinstance(given, bool) or isinstance(allowed, bool) or given is None or allowed is None:
+        return given is allowed
+    return given == allowed
 
 
 def _body(request: Request) -> dict[str, Any]:
@@ -204,7 +211,7 @@ def _prompt_ids(body: dict[str, Any], tokenizer: Any, options: GenerateOptions) 
     return list(tokenizer(prompt)["input_ids"])
 
 
-def _chat_ids(body: dict[str, Any], tokenizer: Any) -> list[int]:
+def _chat_ids(body: dict[str, Any], tokenizer: Any, options: GenerateOptions) -> list[int]:
     """The folder's chat template applied to the messages, ready for the assistant's turn."""
     if not getattr(tokenizer, "chat_template", None):
         raise OpenAIError("this model's folder has no chat template (tokenizer_config.json's chat_template or "
@@ -218,8 +225,16 @@ def _chat_ids(body: dict[str, Any], tokenizer: Any) -> list[int]:
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise OpenAIError(f"messages[{index}] must be an object with a 'role' among {', '.join(ROLES)}, got "
                               f"{json.dumps(message)[:80]}", param=f"messages[{index}]")
-        plain.append({"role": message["role"], "content": _content(message.get("content"), index)})
-    text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+        # OpenAI's newer name for the system role, which chat templates do not know
+        role = "system" if message["role"] == "developer" else message["role"]
+        plain.append({"role": role, "content": _content(message.get("content"), index)})
+    size = sum(len(message["content"]) for message in plain)
+    if size > options.max_prompt_chars:
+        raise OpenAIError(f"'messages' hold {size} characters, at most {options.max_prompt_chars}", param="messages")
+    try:
+        text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+    except Exception as error:  # noqa: BLE001 - a template's raise_exception (roles must alternate...) is the client's
+        raise OpenAIError(f"the model's chat template refused the messages: {error}", param="messages") from None
     # The template writes the special tokens (BOS...) itself: tokenizing must not add them again.
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 

@@ -112,6 +112,28 @@ def test_a_failing_step_fails_the_live_requests_only(prepared):
     assert len(ends["0"].generation.tokens) == 5 and len(batcher.free_slots) == 2
 
 
+def test_a_request_failing_in_its_own_row_fails_alone(prepared):
+    """A request whose new token cannot be decoded to text ends with the error; its neighbour goes on."""
+    engine = Engine(prepared.module, prepared.tokenizer, prepared.options)
+    batch = requests(prepared, [20, 20])
+    solo = engine.generate(batch[1])
+    batcher = Batcher(engine, max_batch=2)
+    batcher.step({"a": batch[0], "b": batch[1]})
+
+    def broken(token):
+        raise OSError("the detokenizer failed")
+
+    batcher.live["a"].sequence.detokenizer.add = broken
+    texts, ends = {}, {}
+    while "b" not in ends:
+        for key, value in batcher.step({}, [key for key in ("a", "b") if key not in ends]).items():
+            texts[key] = texts.get(key, "") + value.text
+            if value.finished:
+                ends[key] = value
+    assert isinstance(ends["a"].error, OSError)
+    assert ends["b"].generation.tokens == solo.tokens and len(batcher.free_slots) == 2
+
+
 def test_sequences_in_a_step_are_independent_of_their_neighbours(prepared):
     """The same prompt decoded in slot 3 beside others gives the logits it gets alone in slot 0."""
     module = prepared.module

@@ -102,7 +102,8 @@ def test_request_checks(tokenizer):
     assert request.max_new_tokens == 64 - len(request.prompt_ids) and request.sampling.temperature == 0
     for body, message in (({"prompt": "hi", "seed": -1}, "'seed' must be between"),
                           ({"prompt": "hi", "top_k": 1.5}, "'top_k' must be an integer"),
-                          ({"prompt": "hi", "temperature": "hot"}, "'temperature' must be a number"),
+                          ({"prompt": "hi", "temperature": "hot"}, "'temperature' must be a finite number"),
+                          ({"prompt": "hi", "top_p": float("nan")}, "'top_p' must be a finite number, got nan"),
                           ({"prompt": "hi", "stop": ["a"] * 17}, "at most 16"),
                           ({"prompt": "word " * 80}, "the archive's context holds 64 tokens"),
                           ([1], "expected a JSON object with 'prompt'")):

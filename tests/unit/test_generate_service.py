@@ -128,6 +128,31 @@ def test_grpc_calls_are_answered_in_one_message(model):
     assert reply.more is False and json.loads(reply.response.body)["usage"]["completion_tokens"] <= 4
 
 
+def test_a_grpc_call_takes_the_slot_a_client_left_in_the_same_call(model):
+    service = GenerateService(model)
+    full = {f"s{index}": rest({"prompt": "x", "max_new_tokens": 50, "stream": True}) for index in range(4)}
+    service.step([(key, *value) for key, value in full.items()])
+    assert not service.batcher.free_slots
+    replies = service.step([(key, {}, full[key][1]) for key in ("s0", "s1", "s2")] +  # s3's client left
+                           [("g", {"data": json.dumps({"prompt": "y", "max_new_tokens": 3})}, {})])
+    assert replies[-1].response.status == 200 and json.loads(replies[-1].response.body)["usage"]["completion_tokens"]
+
+
+def test_one_bad_request_fails_alone(model, prepared):
+    """A chat template that refuses the messages is a 400 for that request; the stream beside it goes on."""
+    raising = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    prepared.tokenizer.chat_template, saved = raising, prepared.tokenizer.chat_template
+    try:
+        service = GenerateService(model)
+        replies = service.step([("ok", *rest({"prompt": "x", "max_new_tokens": 5, "stream": True})),
+                                ("chat", *rest({"messages": [{"role": "user", "content": "a"}]}, "v1/chat/completions"))])
+    finally:
+        prepared.tokenizer.chat_template = saved
+    assert replies[1].response.status == 400 and "roles must alternate" in json.loads(replies[1].response.body)[
+        "error"]["message"]
+    assert replies[0].more and replies[0].response.status == 200
+
+
 @pytest.mark.parametrize("path, body, status, message", [
     ("v1/completions", {"prompt": "x", "best_of": 3}, 400, "'best_of' is supported only as 1 or null"),
     ("v1/completions", {"prompt": ["a", "b"]}, 400, "one prompt per request"),
@@ -141,6 +166,9 @@ def test_grpc_calls_are_answered_in_one_message(model):
     ("v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, 400,
      "'max_completion_tokens' must be between"),
     ("v1/embeddings", {"input": "x"}, 404, "unknown endpoint /v1/embeddings"),
+    ("v1/completions", {"prompt": "x", "model": ["llm"]}, 400, "'model' must be a string"),
+    ("v1/completions", {"prompt": "x", "temperature": float("nan")}, 400, "'temperature' must be a finite number"),
+    ("v1/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, "'presence_penalty' is supported only as 0"),
 ])
 def test_openai_requests_refused_with_a_reason(prepared, path, body, status, message):
     request = Request({"body": json.dumps(body).encode()}, {"body": "application/json"}, {"url_path": path})
@@ -154,7 +182,8 @@ def test_openai_defaults_and_the_chat_template(prepared):
         return openai.read(Request({"body": json.dumps(body).encode()}, {}, {"url_path": path}), prepared.tokenizer,
                            prepared.options, "llm")
 
-    completion = read("v1/completions", {"prompt": "hello", "temperature": None, "max_tokens": None})
+    completion = read("v1/completions", {"prompt": "hello", "temperature": None, "max_tokens": None,
+                                         "presence_penalty": 0.0, "frequency_penalty": 0, "n": 1, "logprobs": None})
     assert completion.request.max_new_tokens == openai.COMPLETION_MAX_TOKENS  # OpenAI's default
     assert completion.request.sampling.temperature == 1.0 and not completion.request.stream
     chat = read("v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]})
@@ -173,6 +202,7 @@ def test_archive_packs_continuous_batching(tmp_path, prepared):
     import yaml
 
     from aitune_core.archive import ArchiveOptions, archive_model
+    from aitune_core.errors import ArchiveError
 
     own = tmp_path / "model-config.yaml"
     own.write_text("jobQueueSize: 8\nresponseTimeout: 300\n")
@@ -182,3 +212,13 @@ def test_archive_packs_continuous_batching(tmp_path, prepared):
         config = yaml.safe_load(mar.read("model-config.yaml"))
     assert config == {"jobQueueSize": 8, "responseTimeout": 300, "continuousBatching": True, "batchSize": 4,
                       "maxBatchDelay": 5}
+    own.write_text("continuousBatching: false\n")  # one request at a time: nothing added
+    archive_model(ArchiveOptions(model_name="plain", hf_model=prepared.folder, backend="eager", max_batch=4,
+                                 config_file=own, export_path=tmp_path))
+    with zipfile.ZipFile(tmp_path / "plain.mar") as mar:
+        assert yaml.safe_load(mar.read("model-config.yaml")) == {"continuousBatching": False}
+    own.write_text("batchSize: 16\n")
+    with pytest.raises(ArchiveError, match="batchSize 16, but the KV cache holds 4 sequences"):
+        archive_model(ArchiveOptions(model_name="big", hf_model=prepared.folder, backend="eager", max_batch=4,
+                                     config_file=own, export_path=tmp_path))
+    assert not (tmp_path / "big.mar").exists()
