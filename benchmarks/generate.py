@@ -205,8 +205,7 @@ def served(report: Report, work: Path, store: Path, name: str, loaded: Any, roun
         short = min(_timed(lambda: engine.generate(request)) for _ in range(rounds))
         ids = request.prompt_ids
         with torch.no_grad():
-            prompt_pass = min(_timed(lambda: prefill(loaded.backend.infer, ids, 0, options.prefill_chunk,
-                                                     options.max_context)) for _ in range(rounds))
+            prompt_pass = min(_timed(lambda: prefill(loaded.backend.infer, ids, 0, options)) for _ in range(rounds))
         in_process_rate = STEPS / (long - short)
         median = rates[len(rates) // 2]
         report.add(f"decode tokens/s, 1 stream: {name} served (streamed) / in-process", median, in_process_rate,

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from aitune_core.errors import AITuneError
-from aitune_core.generate.engine import Engine, Generation, Sequence
+from aitune_core.generate.engine import Engine, Generation, Sequence, window
 from aitune_core.generate.request import GenerateRequest
 
 logger = logging.getLogger(__name__)
@@ -143,7 +143,8 @@ class Batcher:
         positions = torch.tensor([[live.step[1]] for live in rows])
         slots = torch.tensor([live.sequence.slot for live in rows])
         try:
-            logits = self.engine.infer(tokens, positions, slots)
+            logits = self.engine.infer(tokens, positions, slots,
+                                       *window(self.engine.options, max(live.step[1] for live in rows), len(rows)))
         except Exception as error:  # noqa: BLE001 - the live requests fail; the next ones are served
             logger.exception("Generation failed in a decode step of %d sequences", len(rows))
             for key, live in zip(keys, rows):

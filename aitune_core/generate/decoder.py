@@ -6,6 +6,9 @@ Written for generation in the style of gpt-fast: plain modules, the KV cache all
 
 - ``tokens``, ``positions``: ``[batch, length]``: a prompt chunk (batch 1) or one decode step (length 1)
   of every live sequence; ``slots``: ``[batch]``, the cache slot each row writes and reads;
+- ``window`` (optional): ``[batch, L]``, each row ``arange(L)``: the cache positions the rows attend to, ``L``
+  past the last position of every row: attention reads ``L`` positions of each slot, not the whole context
+  (the caller rounds ``L`` up, ``window_for``); without it, all ``max_context``;
 - returns the logits ``[batch, length, vocabulary]``.
 
 Each row writes its keys and values at its positions in its slot, then attends to every cached position
@@ -52,6 +55,17 @@ class DecoderConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DecoderConfig":
         return cls(**values)
+
+
+WINDOW_STEP = 64  # attention windows are whole multiples of this: few shapes, at most 63 positions read for nothing
+
+
+def window_for(last_position: int, max_context: int, rows: int = 1) -> torch.Tensor:
+    """The ``window`` of a forward of ``rows`` rows ending at ``last_position`` at most: past it, rounded up to a
+    multiple of WINDOW_STEP, never past the context. One more than needed, so that a prompt chunk's window never
+    has the chunk's length (a compiled graph would tie the two sizes together and recompile for decode steps)."""
+    span = -(-(last_position + 2) // WINDOW_STEP) * WINDOW_STEP
+    return torch.arange(min(span, max_context)).repeat(rows, 1)
 
 
 class RMSNorm(nn.Module):
@@ -101,16 +115,17 @@ class Attention(nn.Module):
         flat = (rows * context + positions.unsqueeze(1)).reshape(-1)  # [batch * kv_heads * length]
         for cache, new in ((self.k_cache, k), (self.v_cache, v)):
             cache.view(-1, head_dim).index_copy_(0, flat, new.transpose(1, 2).reshape(-1, head_dim).to(cache.dtype))
-        # [batch * kv_heads, context, head_dim] with no copy but the slots' gather: the query heads that share a
+        # [batch * kv_heads, span, head_dim] with no copy but the slots' gather: the query heads that share a
         # kv head go together as rows of one bmm, so the cache is never repeated per head.
-        keys = self.k_cache[slots].view(-1, context, head_dim).to(q.dtype)
-        values = self.v_cache[slots].view(-1, context, head_dim).to(q.dtype)
+        span = mask.shape[-1]  # the window: slice first, so that the slots' gather copies only that much
+        keys = self.k_cache[:, :, :span][slots].view(-1, span, head_dim).to(q.dtype)
+        values = self.v_cache[:, :, :span][slots].view(-1, span, head_dim).to(q.dtype)
         group = heads // kv_heads
         q = q.view(batch, length, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4).reshape(-1, group * length,
                                                                                               head_dim)
-        scores = torch.bmm(q, keys.transpose(1, 2)) * head_dim ** -0.5  # [batch * kv, group * length, context]
-        scores = scores.view(batch, kv_heads, group, length, context).masked_fill(~mask.unsqueeze(1), float("-inf"))
-        out = torch.bmm(scores.softmax(dim=-1).view(-1, group * length, context), values)
+        scores = torch.bmm(q, keys.transpose(1, 2)) * head_dim ** -0.5  # [batch * kv, group * length, span]
+        scores = scores.view(batch, kv_heads, group, length, span).masked_fill(~mask.unsqueeze(1), float("-inf"))
+        out = torch.bmm(scores.softmax(dim=-1).view(-1, group * length, span), values)
         out = out.view(batch, kv_heads, group, length, head_dim).permute(0, 3, 1, 2, 4)
         return self.o_proj(out.reshape(batch, length, -1))
 
@@ -164,13 +179,15 @@ class Decoder(nn.Module):
         self.register_buffer("rope_inv_freq", torch.zeros(config.head_dim // 2))
         self.register_buffer("context_positions", torch.arange(config.max_context), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                window: torch.Tensor | None = None) -> torch.Tensor:
         x = self.model.embed_tokens(tokens)
         angles = positions.unsqueeze(-1).float() * self.rope_inv_freq.float()
         angles = torch.cat((angles, angles), dim=-1)
         cos = (angles.cos() * self.config.rope_scaling).to(x.dtype).unsqueeze(2)  # [batch, length, 1, head_dim]
         sin = (angles.sin() * self.config.rope_scaling).to(x.dtype).unsqueeze(2)
-        mask = (self.context_positions.view(1, 1, 1, -1) <= positions.unsqueeze(1).unsqueeze(-1))
+        window = self.context_positions.view(1, -1) if window is None else window
+        mask = (window.view(window.shape[0], 1, 1, -1) <= positions.unsqueeze(1).unsqueeze(-1))
         for layer in self.model.layers:
             x = layer(x, cos, sin, slots, positions, mask)
         return self.lm_head(self.model.norm(x))

@@ -14,11 +14,12 @@ from typing import Any
 
 import torch
 
+from aitune_core.generate.decoder import window_for
 from aitune_core.generate.request import GenerateOptions, GenerateRequest
 from aitune_core.generate.sampling import sample
 from aitune_core.generate.text import Detokenizer, StopText
 
-Infer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Infer = Callable[..., torch.Tensor]  # (tokens, positions, slots[, window]) -> logits, see decoder.py
 
 
 @dataclasses.dataclass
@@ -39,10 +40,17 @@ class Generation:
                 "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.tokens)}}
 
 
-def prefill(infer: Infer, ids: list[int], slot: int, chunk: int, max_context: int,
+def window(options: GenerateOptions, last_position: int, rows: int = 1) -> tuple[torch.Tensor, ...]:
+    """The attention window argument of a forward of ``rows`` rows ending at ``last_position``, for a decoder that
+    takes one."""
+    return (window_for(last_position, options.max_context, rows),) if options.attention_window else ()
+
+
+def prefill(infer: Infer, ids: list[int], slot: int, options: GenerateOptions,
             every_position: bool = False) -> torch.Tensor:
-    """Run ``ids`` into ``slot`` from position 0, ``chunk`` tokens a call; the logits of the last token
+    """Run ``ids`` into ``slot`` from position 0, a prompt chunk a call; the logits of the last token
     ``[vocabulary]``, or of every token ``[len(ids), vocabulary]`` with ``every_position``."""
+    chunk, max_context = options.prefill_chunk, options.max_context
     outputs = []
     for start in range(0, len(ids), chunk):
         part = ids[start:start + chunk]
@@ -51,7 +59,8 @@ def prefill(infer: Infer, ids: list[int], slot: int, chunk: int, max_context: in
         # overwritten by the real tokens that come later.
         tokens = torch.tensor([part + [part[-1]] * (chunk - real)])
         positions = torch.clamp(torch.arange(start, start + chunk), max=max_context - 1).unsqueeze(0)
-        logits = infer(tokens, positions, torch.tensor([slot]))[0, :real]
+        extra = window(options, min(start + chunk, max_context) - 1)
+        logits = infer(tokens, positions, torch.tensor([slot]), *extra)[0, :real]
         outputs.append(logits if every_position else logits[-1:])
     return torch.cat(outputs) if every_position else outputs[-1][0]
 
@@ -118,7 +127,7 @@ class Engine:
     def start(self, request: GenerateRequest, slot: int, emit: Callable[[str], None] | None = None
               ) -> tuple[Sequence, tuple[int, int] | None]:
         """Run ``request``'s prompt into ``slot``; its ``Sequence`` and the first (token, position) to decode."""
-        logits = prefill(self.infer, request.prompt_ids, slot, self.options.prefill_chunk, self.options.max_context)
+        logits = prefill(self.infer, request.prompt_ids, slot, self.options)
         sequence = Sequence(request, self.tokenizer, self.eos, slot, emit)
         return sequence, sequence.take(logits)
 
@@ -131,6 +140,7 @@ class Engine:
             sequence, step = self.start(request, slot, emit)
             while step is not None:
                 token, position = step
-                logits = self.infer(torch.tensor([[token]]), torch.tensor([[position]]), torch.tensor([slot]))
+                logits = self.infer(torch.tensor([[token]]), torch.tensor([[position]]), torch.tensor([slot]),
+                                    *window(self.options, position))
                 step = sequence.take(logits[0, -1])
         return sequence.result()

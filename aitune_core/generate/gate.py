@@ -75,8 +75,8 @@ def measure(reference: Infer, candidate: Infer, sequences: list[tuple[list[int],
                 continue
             ids = prompt + continuation[:-1]
             start = len(prompt) - 1  # the logits at this position predict the continuation's first token
-            fp32 = prefill(reference, ids, 0, options.prefill_chunk, options.max_context, every_position=True)[start:]
-            other = prefill(candidate, ids, 0, options.prefill_chunk, options.max_context, every_position=True)[start:]
+            fp32 = prefill(reference, ids, 0, options, every_position=True)[start:]
+            other = prefill(candidate, ids, 0, options, every_position=True)[start:]
             agree += int((fp32.argmax(-1) == other.argmax(-1)).sum())
             p = torch.log_softmax(fp32.double(), -1)
             q = torch.log_softmax(other.double(), -1)

@@ -1,7 +1,8 @@
 """Archive time for text generation: a causal-LM folder as a decoder, samples, and the generation gate.
 
-The samples are one prompt chunk and one decode step of two sequences: the two shapes every ``infer``
-of the archive has (a compiled backend records both dims as dynamic and compiles one graph). The gate
+The samples are one prompt chunk and one decode step of two sequences, each with its attention window: the
+shapes every ``infer`` of the archive has (a compiled backend records their dims as dynamic and compiles
+one graph). The gate
 (``gate.py``) runs after the build, against the fp32 decoder, and refuses an archive below it.
 """
 
@@ -20,6 +21,7 @@ from aitune_core.errors import ArchiveError
 from aitune_core.generate import gate
 from aitune_core.generate.codec import GenerateCodec
 from aitune_core.generate.decoder import Decoder
+from aitune_core.generate.engine import window
 from aitune_core.generate.folder import load_decoder
 from aitune_core.generate.request import GenerateOptions, parse
 from aitune_core.graph_spec import Sample
@@ -75,11 +77,13 @@ def prepare(folder: Path, max_context: int | None, max_batch: int | None) -> Pre
         eos = [int(tokenizer.eos_token_id)]
     config = decoder.config
     options = GenerateOptions(max_context=config.max_context, max_batch=config.max_batch,
-                              prefill_chunk=min(PREFILL_CHUNK, config.max_context), eos_token_ids=eos)
+                              prefill_chunk=min(PREFILL_CHUNK, config.max_context), eos_token_ids=eos,
+                              attention_window=True)
     prompt = parse({"prompt": gate.HELD_PROMPTS[0]}, tokenizer, options).prompt_ids[: options.prefill_chunk]
     chunk = torch.tensor([prompt + [prompt[-1]] * (options.prefill_chunk - len(prompt))])
     rows = min(2, config.max_batch)
-    samples = [Sample(args=(chunk, torch.arange(options.prefill_chunk).unsqueeze(0), torch.tensor([0]))),
+    samples = [Sample(args=(chunk, torch.arange(options.prefill_chunk).unsqueeze(0), torch.tensor([0]),
+                            *window(options, options.prefill_chunk - 1))),
                Sample(args=(torch.tensor([[prompt[-1]]] * rows), torch.tensor([[len(prompt)]] * rows),
-                            torch.arange(rows)))]
+                            torch.arange(rows), *window(options, len(prompt), rows)))]
     return Prepared(folder=folder, module=decoder, samples=samples, options=options, tokenizer=tokenizer)

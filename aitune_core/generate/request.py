@@ -28,6 +28,8 @@ class GenerateOptions:
     eos_token_ids: list[int]
     max_new_tokens: int = 64  # when a request names none (capped by what its context leaves)
     max_prompt_chars: int = 1_000_000
+    # The decoder takes an attention window (a 4th input, see decoder.py); archives made before it take 3.
+    attention_window: bool = False
     gate: dict[str, Any] | None = None  # the generation gate's figures at archive time
     tuning: list[dict[str, Any]] | None = None  # --tune's table, one dict per candidate
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from aitune_core.generate.batcher import METRICS, Batcher, BusyError
+from aitune_core.generate.decoder import window_for
 from aitune_core.generate.engine import Engine, Generation
 from aitune_core.generate.prepare import prepare
 from aitune_core.generate.request import parse
@@ -99,11 +100,11 @@ def test_a_failing_step_fails_the_live_requests_only(prepared):
     """A decode step that raises ends the requests in it with the error; the next requests are served."""
     failures = {"left": 1}
 
-    def infer(tokens, positions, slots):
+    def infer(tokens, positions, slots, *window):
         if tokens.shape[1] == 1 and failures["left"]:
             failures["left"] -= 1
             raise RuntimeError("out of memory in a decode step")
-        return prepared.module(tokens, positions, slots)
+        return prepared.module(tokens, positions, slots, *window)
 
     batcher = Batcher(Engine(infer, prepared.tokenizer, prepared.options), max_batch=2)
     _, ends = drive(batcher, requests(prepared, [5, 5]))
@@ -143,5 +144,9 @@ def test_sequences_in_a_step_are_independent_of_their_neighbours(prepared):
             module(torch.tensor([ids]), torch.arange(len(ids)).unsqueeze(0), torch.tensor([slot]))
         together = module(torch.tensor([[5], [6], [7], [5]]), torch.full((4, 1), len(ids)), torch.arange(4))
         alone = module(torch.tensor([[5]]), torch.tensor([[len(ids)]]), torch.tensor([0]))
+        windowed = module(torch.tensor([[5], [6], [7], [5]]), torch.full((4, 1), len(ids)), torch.arange(4),
+                          window_for(len(ids), prepared.options.max_context, 4))
     torch.testing.assert_close(together[3], alone[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(together[0], alone[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(windowed, together, rtol=1e-5, atol=1e-5)  # the window drops masked positions only
+    assert window_for(len(ids), prepared.options.max_context).shape[1] < prepared.options.max_context

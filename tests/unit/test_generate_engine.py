@@ -154,7 +154,8 @@ def test_gate_refuses_what_misses_it_and_the_archive_holds_no_cache(folders, tmp
 
 
 def test_compiled_decoder_never_recompiles(folders, tokenizer):
-    """One graph for every prompt length (chunks padded to one shape) and every number of live sequences."""
+    """One graph for every prompt length (chunks padded to one shape), every number of live sequences and every
+    attention window."""
     from torch._dynamo.utils import counters
 
     from aitune_core.backends import make_backend
@@ -169,8 +170,9 @@ def test_compiled_decoder_never_recompiles(folders, tokenizer):
     engine = Engine(backend.infer, tokenizer, prepared.options)
     for prompt in ["a", "def main():\n    return 0\n" * 12]:
         engine.generate(parse({"prompt": prompt, "max_new_tokens": 5}, tokenizer, prepared.options))
-    for rows in (1, 3, 4):
-        backend.infer(torch.full((rows, 1), 5), torch.full((rows, 1), 7), torch.arange(rows))
+    for rows, span in ((1, 64), (3, 128), (4, 256)):  # sequences and attention windows of every size
+        backend.infer(torch.full((rows, 1), 5), torch.full((rows, 1), 7), torch.arange(rows),
+                      torch.arange(span).repeat(rows, 1))
     assert counters["stats"]["unique_graphs"] == frames
 
 
