@@ -213,3 +213,23 @@ def test_int4wo_archive_quantizes_the_decoder_and_stores_its_gate(tokenizer, tmp
     engine = Engine(model.backend.infer, model.codec.tokenizer, model.codec.options)
     request = parse({"prompt": "import os", "max_new_tokens": 8}, model.codec.tokenizer, model.codec.options)
     assert engine.generate(request).tokens == engine.generate(request).tokens
+
+
+def test_archives_made_before_the_attention_window_get_three_inputs(folders, tokenizer):
+    """A manifest without ``attention_window`` (archives made before it) runs its decoder as it was compiled:
+    tokens, positions, slots; a new one adds the window, past every row's position."""
+    prepared = prepare(folders["llama"], 256, 2)
+    section = {key: value for key, value in prepared.options.to_dict().items() if key != "attention_window"}
+    calls = []
+
+    def infer(*args):
+        calls.append(args)
+        return prepared.module(*args)
+
+    request = parse({"prompt": "a b c", "max_new_tokens": 3}, tokenizer, prepared.options)
+    old = Engine(infer, tokenizer, GenerateOptions.from_dict(section)).generate(request)
+    assert {len(args) for args in calls} == {3}
+    calls.clear()
+    new = Engine(infer, tokenizer, prepared.options).generate(request)
+    assert {len(args) for args in calls} == {4} and new.tokens == old.tokens
+    assert all(args[3].shape[1] > int(args[1].max()) for args in calls)
