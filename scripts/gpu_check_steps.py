@@ -517,14 +517,25 @@ def serve_main(work: Path, family: str, name: str, archive: Path) -> int:
 
 
 def ask(service: Any, body: Any) -> tuple[int, bytes]:
-    """One JSON request through ``Service.predict``; (HTTP status, body) parsed from the worker's answer."""
+    """One JSON request through ``Service.predict``; (HTTP status, body) parsed from the worker's answer.
+
+    Under TorchServe's continuous batching (a generation archive's model-config) the frontend calls again with
+    the running request, its parameters left out, while its reply says ``ts_stream_next: true``: so does this,
+    and the bodies are joined (the first reply's status is the answer's)."""
     from worker_time import predict_batch
 
-    return parse_response(bytes(service.predict(predict_batch(body))))
+    batch = predict_batch(body)
+    status, answer, more = parse_response(bytes(service.predict(batch)))
+    while more:
+        batch = [{**batch[0], "parameters": []}]
+        _, part, more = parse_response(bytes(service.predict(batch)))
+        answer += part
+    return status, answer
 
 
-def parse_response(message: bytes) -> tuple[int, bytes]:
-    """The status and body of the one request in a worker's predict response (TorchServe's OTF format)."""
+def parse_response(message: bytes) -> tuple[int, bytes, bool]:
+    """The status, body and ``ts_stream_next`` of the one request in a worker's predict response (TorchServe's
+    OTF format)."""
     import struct
 
     position = 0
@@ -544,15 +555,16 @@ def parse_response(message: bytes) -> tuple[int, bytes]:
     batch_code = integer()
     batch_message = chunk()
     if position >= len(message):
-        return batch_code, batch_message  # the whole batch failed: no per-request part
+        return batch_code, batch_message, False  # the whole batch failed: no per-request part
     chunk()  # request id
     chunk()  # content type
     status = integer()
     chunk()  # reason phrase
-    for _ in range(integer()):  # headers
-        chunk()
-        chunk()
-    return status, chunk()
+    headers = {}
+    for _ in range(integer()):
+        name = chunk()
+        headers[name] = chunk()
+    return status, chunk(), headers.get(b"ts_stream_next") == b"true"
 
 
 def per_second(call: Callable[[], Any], items: int, warmup: int, calls: int, blocks: int,
