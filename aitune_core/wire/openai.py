@@ -150,6 +150,7 @@ def read(request: Request, tokenizer: Any, options: GenerateOptions, model_name:
         raise OpenAIError(f"the model '{model}' does not exist here: this endpoint serves '{model_name}'",
                           param="model", status=404, code="model_not_found")
     prompt_ids = _chat_ids(body, tokenizer, options) if chat else _prompt_ids(body, tokenizer, options)
+
     def given(key: str, default: Any = None) -> Any:  # clients send null for "not given"
         return default if body.get(key) is None else body[key]
 
