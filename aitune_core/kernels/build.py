@@ -27,29 +27,35 @@ FLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP: ATen's parallel_for runs
 _failure: list[str] = []
 
 
-def build_name() -> str:
+def build_name(flags: list[str] = FLAGS) -> str:
     """The extension's name: source, flags, CPU features and torch version decide which build fits."""
     import torch
 
     from aitune_core.precision import cpu_features
 
     features = json.dumps(cpu_features(), sort_keys=True, default=str)
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + features.encode()
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + features.encode()
                             + torch.__version__.encode()).hexdigest()[:16]
     return f"aitune_weight_only_{digest}"
 
 
-@functools.cache
-def native() -> ModuleType | None:
-    """The compiled kernels for this CPU, built on first use; None (and ``failure()`` says why) where they cannot be."""
+def compile_kernels(flags: list[str]) -> ModuleType:
+    """Compile (or load the cached build of) the kernels with these gcc flags; raises where they cannot be built.
+    ``native()`` builds for this CPU; other flags (an older instruction set) build the tiles other CPUs run."""
     from torch.utils import cpp_extension
 
     # ninja comes with the project's packages: make the environment's bin/ findable by torch's builder.
     bin_dir = str(Path(sys.executable).parent)
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    return cpp_extension.load(build_name(flags), [str(SOURCE)], extra_cflags=flags, verbose=False)
+
+
+@functools.cache
+def native() -> ModuleType | None:
+    """The compiled kernels for this CPU, built on first use; None (and ``failure()`` says why) where they cannot be."""
     try:
-        return cpp_extension.load(build_name(), [str(SOURCE)], extra_cflags=FLAGS, verbose=False)
+        return compile_kernels(FLAGS)
     except Exception as error:  # no compiler, no ninja, a read-only cache: the torch fallback still answers
         reason = (str(error).strip().splitlines() or [type(error).__name__])[-1][:300]
         _failure.append(reason)

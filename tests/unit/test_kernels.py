@@ -20,8 +20,8 @@ def test_the_kernels_build_for_this_cpu():
     assert build.build_name() in build.describe()
 
 
-@pytest.mark.parametrize("rows", [0, 1, 3, 4, 5, 16, 17, 40])
-@pytest.mark.parametrize("in_features, out_features", [(40, 17), (100, 1), (4096 + 24, 33)])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 8, 15, 16, 17, 40])
+@pytest.mark.parametrize("in_features, out_features", [(40, 17), (100, 1), (4096 + 24, 33), (272, 203)])
 def test_int8_equals_dequantize_then_matmul(rows, in_features, out_features):
     generator = torch.Generator().manual_seed(rows + in_features)
     weight, scale = quantize_int8(torch.randn(out_features, in_features, generator=generator))
@@ -30,14 +30,33 @@ def test_int8_equals_dequantize_then_matmul(rows, in_features, out_features):
     assert close(ops.int8_weight_only_mm(x, weight, scale).double(), expected)
 
 
-@pytest.mark.parametrize("rows", [0, 1, 4, 7, 16, 33])
-@pytest.mark.parametrize("in_features, out_features, group_size", [(64, 17, 32), (384, 5, 128), (512, 48, 256)])
+@pytest.mark.parametrize("rows", [0, 1, 2, 4, 7, 8, 15, 16, 33])
+@pytest.mark.parametrize("in_features, out_features, group_size",
+                         [(64, 17, 32), (384, 5, 128), (512, 48, 256), (192, 203, 64)])
 def test_int4_equals_dequantize_then_matmul(rows, in_features, out_features, group_size):
     generator = torch.Generator().manual_seed(rows + in_features)
     packed, scale, offset = pack_int4(torch.randn(out_features, in_features, generator=generator), group_size)
     x = torch.randn(rows, in_features, generator=generator)
     expected = x.double() @ ops.dequantize_int4(packed, scale, offset, group_size).double().T
     assert close(ops.int4_weight_only_mm(x, packed, scale, offset, group_size).double(), expected)
+
+
+@pytest.fixture(scope="module")
+def avx2_kernels():
+    """The kernels as a CPU without AVX-512 builds them (their plain-loop tiles), compiled here for AVX2."""
+    return build.compile_kernels(["-O3", "-march=x86-64-v3", "-fopenmp"])
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 15])
+def test_the_tiles_built_without_avx512_equal_dequantize_then_matmul(avx2_kernels, rows):
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(203, 320, generator=generator)
+    x = torch.randn(rows, 320, generator=generator)
+    int8 = quantize_int8(weight)
+    assert close(avx2_kernels.int8_weight_only_mm(x, *int8).double(), x.double() @ ops.dequantize_int8(*int8).double().T)
+    int4 = pack_int4(weight, 64)
+    assert close(avx2_kernels.int4_weight_only_mm(x, *int4, 64).double(),
+                 x.double() @ ops.dequantize_int4(*int4, 64).double().T)
 
 
 def test_the_formats_hold_the_weights_within_half_a_step():
