@@ -1,7 +1,8 @@
 """The loop around a DEPLOYED backend: every prompt chunk and every decode step is one ``infer``.
 
 ``Engine.generate`` runs one request: the prompt in chunks of ``prefill_chunk`` tokens (the last one
-padded to the same shape, so a compiled backend sees one shape), then one decode step per new token,
+padded to a multiple of ``PAD_TO``: a compiled backend's prompt graph is dynamic in length, and a short
+prompt should not pay for a whole chunk), then one decode step per new token,
 sampling, stopping at an end-of-sequence token, a stop string or the length, and handing each new piece
 of text to ``emit`` as soon as it is whole.
 """
@@ -20,6 +21,7 @@ from aitune_core.generate.sampling import sample
 from aitune_core.generate.text import Detokenizer, StopText
 
 Infer = Callable[..., torch.Tensor]  # (tokens, positions, slots[, window]) -> logits, see decoder.py
+PAD_TO = 16  # a prompt's last chunk is padded to a multiple of this: few lengths, never a one-token chunk
 
 
 @dataclasses.dataclass
@@ -55,11 +57,12 @@ def prefill(infer: Infer, ids: list[int], slot: int, options: GenerateOptions,
     for start in range(0, len(ids), chunk):
         part = ids[start:start + chunk]
         real = len(part)
-        # Padding keeps one shape; its positions lie past the prompt (clamped into the cache), masked until
-        # overwritten by the real tokens that come later.
-        tokens = torch.tensor([part + [part[-1]] * (chunk - real)])
-        positions = torch.clamp(torch.arange(start, start + chunk), max=max_context - 1).unsqueeze(0)
-        extra = window(options, min(start + chunk, max_context) - 1)
+        length = min(chunk, -(-real // PAD_TO) * PAD_TO)
+        # The padding's positions lie past the prompt (clamped into the cache), masked until overwritten by
+        # the real tokens that come later.
+        tokens = torch.tensor([part + [part[-1]] * (length - real)])
+        positions = torch.clamp(torch.arange(start, start + length), max=max_context - 1).unsqueeze(0)
+        extra = window(options, min(start + length, max_context) - 1)
         logits = infer(tokens, positions, torch.tensor([slot]), *extra)[0, :real]
         outputs.append(logits if every_position else logits[-1:])
     return torch.cat(outputs) if every_position else outputs[-1][0]

@@ -20,7 +20,7 @@ def test_the_kernels_build_for_this_cpu():
     assert build.build_name() in build.describe()
 
 
-@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 8, 15, 16, 17, 40])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 8, 15, 16, 17, 40, 128, 129])
 @pytest.mark.parametrize("in_features, out_features", [(40, 17), (100, 1), (4096 + 24, 33), (272, 203)])
 def test_int8_equals_dequantize_then_matmul(rows, in_features, out_features):
     generator = torch.Generator().manual_seed(rows + in_features)
@@ -30,7 +30,7 @@ def test_int8_equals_dequantize_then_matmul(rows, in_features, out_features):
     assert close(ops.int8_weight_only_mm(x, weight, scale).double(), expected)
 
 
-@pytest.mark.parametrize("rows", [0, 1, 2, 4, 7, 8, 15, 16, 33])
+@pytest.mark.parametrize("rows", [0, 1, 2, 4, 7, 8, 15, 16, 33, 129])
 @pytest.mark.parametrize("in_features, out_features, group_size",
                          [(64, 17, 32), (384, 5, 128), (512, 48, 256), (192, 203, 64)])
 def test_int4_equals_dequantize_then_matmul(rows, in_features, out_features, group_size):
