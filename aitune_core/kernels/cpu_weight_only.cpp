@@ -12,6 +12,10 @@
 
 namespace {
 
+// The AVX-512 tiles prefetch the next tile's weight rows at the offset they read: a thread's rows are one
+// contiguous stream, but short rows (K = 1024: 1 KB) end before the hardware prefetcher has ramped up, and
+// the next tile starts cold (measured on a 254M decoder's layers: 10.8 -> 17 GB/s at 1 row). Prefetches past
+// the weights' end are hints and never fault.
 constexpr int64_t kGrain = 96;  // output features a thread takes at a time (a multiple of the tiles' NB)
 
 #if !defined(__AVX512F__)
@@ -52,6 +56,7 @@ inline void int8_tile(const float* x, int64_t K, const int8_t* w, const float* s
   for (; k + 32 <= K; k += 32) {
     __m512 w0[NB], w1[NB];
     for (int j = 0; j < NB; ++j) {
+      _mm_prefetch((const char*)(w + (j + NB) * K + k), _MM_HINT_T0);  // the next tile's rows (why: above kGrain)
       w0[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + j * K + k))));
       w1[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + j * K + k + 16))));
     }
@@ -107,6 +112,7 @@ inline void int4_tile(const float* x, int64_t K, int64_t G, const uint8_t* w, co
     for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
       __m512 low[NB], high[NB];
       for (int j = 0; j < NB; ++j) {
+        _mm_prefetch((const char*)(w + (j + NB) * row_bytes + k / 2), _MM_HINT_T0);
         const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + j * row_bytes + k / 2)));
         low[j] = _mm512_permutexvar_ps(bytes, table[j]);
         high[j] = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table[j]);
