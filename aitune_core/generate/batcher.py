@@ -4,9 +4,15 @@
 the handler once a step with the requests that arrived and those still running):
 
 1. a live sequence whose request is neither arriving nor continuing lost its client: its slot is freed;
-2. each arriving request gets a free KV-cache slot, its prompt chunks and its first token;
-3. every sequence that was already live decodes one token, all together in one ``infer`` of
-   ``[live, 1]`` tokens: the weights are read once for all of them, which is where many streams gain.
+2. each arriving request gets a free KV-cache slot;
+3. while sequences decode, every one of them runs one token, all together in one ``infer`` of ``[rows, 1]``
+   tokens (the weights are read once for all of them, which is where many streams gain), and the prompts
+   of joining requests ride along in the same ``infer``, one row a prompt token, up to ``STEP_ROWS`` rows
+   in all: a prompt goes in over a few steps instead of stalling every stream for a whole prompt pass
+   (chunked prefill). A row attends to its slot's positions up to its own, and every row writes its keys
+   and values before any row attends, so the tokens of one prompt in one step see each other as in a chunk;
+4. when nothing decodes, waiting prompts run at once, a prompt chunk an ``infer``; a request's first token
+   comes from the logits of its prompt's last token.
 
 Each request's ``Progress`` says what text it produced this turn and, once it ended, its ``Generation``.
 """
@@ -21,7 +27,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from aitune_core.errors import AITuneError
-from aitune_core.generate.engine import Engine, Generation, Sequence, window
+from aitune_core.generate.engine import Engine, Generation, Sequence, prefill, window
 from aitune_core.generate.request import GenerateRequest
 
 logger = logging.getLogger(__name__)
@@ -36,6 +42,11 @@ METRICS = {
     "RequestsFinished": ("count", "COUNTER"),  # with a Reason: stop, length, client_gone, error
 }
 Observe = Callable[[str, float, dict[str, str]], None]
+# A busy step runs at most this many rows: its decode rows, then prompt tokens of joining requests. The CPU
+# kernels take rows 8 at a time, so 16 rows cost about twice a step of 8 sequences, where a whole prompt
+# pass costs several (docs/generate.md, Many streams).
+STEP_ROWS = 16
+MIN_PROMPT_ROWS = 4  # however many sequences decode, a joining prompt moves on by at least this much a step
 
 
 class BusyError(AITuneError):
@@ -58,9 +69,15 @@ class Progress:
 @dataclasses.dataclass
 class Live:
     sequence: Sequence
-    step: tuple[int, int] | None  # the (token, position) of its next decode step
     progress: Progress
-    first_token_at: float
+    joined_at: float  # the start of the step it arrived in
+    step: tuple[int, int] | None = None  # the (token, position) of its next decode step; None until its first token
+    prompt_done: int = 0  # prompt tokens already in its cache slot
+    first_token_at: float = 0.0
+
+    @property
+    def decoding(self) -> bool:
+        return self.step is not None
 
 
 class Batcher:
@@ -82,18 +99,20 @@ class Batcher:
             self._leave(key, "client_gone")
         progress = {key: self.live[key].progress if key in self.live else Progress(
             error=KeyError(f"request {key} is not decoding in this worker")) for key in continuing}
-        decoding = list(self.live)
         started = time.perf_counter()
         # no_grad, not inference_mode: see Engine.generate.
         with torch.no_grad():
             for key, request in arrivals.items():
                 progress[key] = self._admit(key, request, started)
+            decoding = [key for key, live in self.live.items() if live.decoding]
             if decoding:
-                self._decode(decoding)
+                self._decode(decoding, self._prompt_rows(len(decoding)))
+            else:
+                self._run_prompts()
         for live in self.live.values():  # a fresh record for the next turn
             live.progress = Progress()
             live.sequence.emit = self._collect(live.progress)
-        if decoding or arrivals:
+        if self.live or arrivals or continuing:
             self.observe("LiveSequences", len(self.live), {})
         return progress
 
@@ -115,43 +134,69 @@ class Batcher:
         return Progress(text=generation.text, generation=generation)
 
     def _admit(self, key: str, request: GenerateRequest, started: float) -> Progress:
-        """The prompt into a free slot and the first token: live under ``key``, or already finished."""
+        """A free slot for ``request``, live under ``key`` (its prompt runs in this step or the next ones)."""
         if not self.free_slots:
             return self._failed(BusyError(f"all {len(self.live)} cache slots are decoding: retry later"))
-        slot = self.free_slots.pop(0)
         progress = Progress()
-        try:
-            sequence, step = self.engine.start(request, slot, self._collect(progress))
-        except Exception as error:  # noqa: BLE001 - this request fails; the others go on
-            logger.exception("Generation failed in the prompt of a request")
-            self.free_slots.append(slot)
-            return self._failed(error)
-        now = time.perf_counter()
-        live = Live(sequence, step, progress, now)
-        if step is None:
-            self.free_slots.append(slot)
-        else:
-            self.live[key] = live
-        self.observe("TimeToFirstToken", (now - started) * 1000, {})
+        slot = self.free_slots.pop(0)
+        self.live[key] = Live(self.engine.sequence(request, slot, self._collect(progress)), progress, started)
         self.observe("PromptTokens", len(request.prompt_ids), {})
-        return self._finish(live, now) if step is None else progress
+        return progress
 
-    def _decode(self, keys: list[str]) -> None:
-        """One decode step of the sequences ``keys``, in one ``infer``."""
+    def _prompt_rows(self, decode_rows: int) -> list[tuple[str, int, int]]:
+        """The prompt tokens that ride along with ``decode_rows`` decode rows: (key, first, end) of each prompt."""
+        budget = max(STEP_ROWS - decode_rows, MIN_PROMPT_ROWS)
+        parts = []
+        for key, live in self.live.items():
+            if live.decoding or budget <= 0:
+                continue
+            end = min(len(live.sequence.request.prompt_ids), live.prompt_done + budget)
+            parts.append((key, live.prompt_done, end))
+            budget -= end - live.prompt_done
+        return parts
+
+    def _run_prompts(self) -> None:
+        """Nothing decodes: every waiting prompt runs now, a prompt chunk an ``infer``, and takes its first token."""
+        for key, live in list(self.live.items()):
+            sequence = live.sequence
+            try:
+                logits = prefill(self.engine.infer, sequence.request.prompt_ids, sequence.slot, self.engine.options,
+                                 done=live.prompt_done)
+            except Exception as error:  # noqa: BLE001 - this request fails; the others go on
+                logger.exception("Generation failed in the prompt of request %s", key)
+                self._leave(key, "error")
+                live.progress.error = error
+                continue
+            live.prompt_done = len(sequence.request.prompt_ids)
+            self._first_token(key, live, logits)
+
+    def _decode(self, keys: list[str], prompt_parts: list[tuple[str, int, int]]) -> None:
+        """One decode step of the sequences ``keys`` and the prompt tokens ``prompt_parts``, in one ``infer``."""
         rows = [self.live[key] for key in keys]
-        tokens = torch.tensor([[live.step[0]] for live in rows])
-        positions = torch.tensor([[live.step[1]] for live in rows])
-        slots = torch.tensor([live.sequence.slot for live in rows])
+        tokens = [live.step[0] for live in rows]
+        positions = [live.step[1] for live in rows]
+        slots = [live.sequence.slot for live in rows]
+        last_rows = {}  # key -> the row of its prompt's last token, for a prompt that ends in this step
+        for key, first, end in prompt_parts:
+            sequence = self.live[key].sequence
+            tokens += sequence.request.prompt_ids[first:end]
+            positions += range(first, end)
+            slots += [sequence.slot] * (end - first)
+            if end == len(sequence.request.prompt_ids):
+                last_rows[key] = len(tokens) - 1
         try:
-            logits = self.engine.infer(tokens, positions, slots,
-                                       *window(self.engine.options, max(live.step[1] for live in rows), len(rows)))
-        except Exception as error:  # noqa: BLE001 - the live requests fail; the next ones are served
-            logger.exception("Generation failed in a decode step of %d sequences", len(rows))
-            for key, live in zip(keys, rows):
+            logits = self.engine.infer(torch.tensor(tokens).view(-1, 1), torch.tensor(positions).view(-1, 1),
+                                       torch.tensor(slots), *window(self.engine.options, max(positions), len(tokens)))
+        except Exception as error:  # noqa: BLE001 - the requests in this step fail; the next ones are served
+            logger.exception("Generation failed in a decode step of %d rows", len(tokens))
+            for key in [*keys, *(key for key, _, _ in prompt_parts)]:
+                live = self.live[key]
                 self._leave(key, "error")
                 live.progress.error = error
             return
         now = time.perf_counter()
+        for key, first, end in prompt_parts:
+            self.live[key].prompt_done = end
         for row, (key, live) in enumerate(zip(keys, rows)):
             try:
                 live.step = live.sequence.take(logits[row, -1])
@@ -163,6 +208,23 @@ class Batcher:
             if live.step is None:
                 self._leave(key, None)
                 self._finish(live, now)
+        for key, row in last_rows.items():
+            self._first_token(key, self.live[key], logits[row, -1])
+
+    def _first_token(self, key: str, live: Live, logits: torch.Tensor) -> None:
+        """``live``'s prompt is in: its first token from the logits of the prompt's last token."""
+        try:
+            live.step = live.sequence.take(logits)
+        except Exception as error:  # noqa: BLE001 - this request fails; the others go on
+            logger.exception("Generation failed at the first token of request %s", key)
+            self._leave(key, "error")
+            live.progress.error = error
+            return
+        live.first_token_at = now = time.perf_counter()
+        self.observe("TimeToFirstToken", (now - live.joined_at) * 1000, {})
+        if live.step is None:
+            self._leave(key, None)
+            self._finish(live, now)
 
     def _collect(self, progress: Progress) -> Callable[[str], None]:
         def emit(piece: str) -> None:

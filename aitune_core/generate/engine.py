@@ -49,12 +49,13 @@ def window(options: GenerateOptions, last_position: int, rows: int = 1) -> tuple
 
 
 def prefill(infer: Infer, ids: list[int], slot: int, options: GenerateOptions,
-            every_position: bool = False) -> torch.Tensor:
-    """Run ``ids`` into ``slot`` from position 0, a prompt chunk a call; the logits of the last token
-    ``[vocabulary]``, or of every token ``[len(ids), vocabulary]`` with ``every_position``."""
+            every_position: bool = False, done: int = 0) -> torch.Tensor:
+    """Run ``ids`` (but the first ``done``, already in the cache) into ``slot``, a prompt chunk a call; the logits
+    of the last token ``[vocabulary]``, or of every token run ``[len(ids) - done, vocabulary]`` with
+    ``every_position``."""
     chunk, max_context = options.prefill_chunk, options.max_context
     outputs = []
-    for start in range(0, len(ids), chunk):
+    for start in range(done, len(ids), chunk):
         part = ids[start:start + chunk]
         real = len(part)
         length = min(chunk, -(-real // PAD_TO) * PAD_TO)
@@ -127,11 +128,15 @@ class Engine:
         self.options = options
         self.eos = set(options.eos_token_ids)
 
+    def sequence(self, request: GenerateRequest, slot: int, emit: Callable[[str], None] | None = None) -> Sequence:
+        """``request`` as a ``Sequence`` in cache ``slot``, its prompt not run yet."""
+        return Sequence(request, self.tokenizer, self.eos, slot, emit)
+
     def start(self, request: GenerateRequest, slot: int, emit: Callable[[str], None] | None = None
               ) -> tuple[Sequence, tuple[int, int] | None]:
         """Run ``request``'s prompt into ``slot``; its ``Sequence`` and the first (token, position) to decode."""
         logits = prefill(self.infer, request.prompt_ids, slot, self.options)
-        sequence = Sequence(request, self.tokenizer, self.eos, slot, emit)
+        sequence = self.sequence(request, slot, emit)
         return sequence, sequence.take(logits)
 
     def generate(self, request: GenerateRequest, emit: Callable[[str], None] | None = None,

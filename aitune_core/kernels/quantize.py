@@ -9,10 +9,11 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per output feature: ``(q int8 [N, K], scale fp32 [N])`` with ``weight ~ q * scale``."""
+    """Symmetric int8 per output feature: ``(q int8 [N, K], scale fp32 [N])`` with ``weight ~ q * scale``; torchao's
+    int8wo convention (``scale = max|w| / 127.5``, q in -128..127), so the same weights as its int8wo archives."""
     weight = weight.detach().float()
-    scale = (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
-    q = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+    scale = (weight.abs().amax(dim=1) / 127.5).clamp(min=torch.finfo(torch.float32).tiny)
+    q = (weight * (1.0 / scale[:, None])).round().clamp(-128, 127).to(torch.int8)
     return q.contiguous(), scale.contiguous()
 
 

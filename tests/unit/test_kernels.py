@@ -71,6 +71,17 @@ def test_the_formats_hold_the_weights_within_half_a_step():
         pack_int4(torch.randn(4, 100), 64)
 
 
+def test_int8_holds_the_weights_torchaos_int8wo_holds():
+    """The same int8 values and scales as torchao's int8wo: the two backends differ by their kernels only."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(1024, 96, bias=False)
+    q, scale = quantize_int8(linear.weight)
+    quantize_(linear, Int8WeightOnlyConfig())
+    assert torch.equal(q, linear.weight.qdata) and torch.equal(scale, linear.weight.scale.flatten())
+
+
 def test_layers_take_any_leading_dims_and_a_bias_and_compile_whole():
     torch.manual_seed(0)
     linear = torch.nn.Linear(128, 48)
