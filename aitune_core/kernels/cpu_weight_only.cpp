@@ -41,14 +41,39 @@ inline void add_lanes(const float (&lanes)[R][NB][kLanes], float (&sums)[R][NB])
 }
 #endif
 
+#if defined(__AVX512F__)
+// R x NB >= 8 independent sums keep both FMA ports busy; for fewer, each sum takes two chains.
+template <int R, int NB>
+constexpr int kChains = R * NB >= 8 ? 1 : 2;
+
+// The sums of R activation rows (row stride K) from input k on against NB weight rows' next 32 values in fp32:
+// the first 16 in ``low``, the next 16 in ``high``.
+template <int R, int NB>
+inline void fma_rows(const float* x, int64_t K, int64_t k, const __m512 (&low)[NB], const __m512 (&high)[NB],
+                     __m512 (&acc)[R][NB][kChains<R, NB>]) {
+  constexpr int C = kChains<R, NB>;
+  for (int r = 0; r < R; ++r) {
+    const __m512 x0 = _mm512_loadu_ps(x + r * K + k), x1 = _mm512_loadu_ps(x + r * K + k + 16);
+    for (int j = 0; j < NB; ++j) {
+      acc[r][j][0] = _mm512_fmadd_ps(low[j], x0, acc[r][j][0]);
+      acc[r][j][C - 1] = _mm512_fmadd_ps(high[j], x1, acc[r][j][C - 1]);
+    }
+  }
+}
+
+template <int C>
+inline float total(const __m512 (&chains)[C]) {
+  return _mm512_reduce_add_ps(C == 2 ? _mm512_add_ps(chains[0], chains[C - 1]) : chains[0]);
+}
+#endif
+
 // out[r * ldo + j] = scale[j] * sum_k x[r, k] * w[j, k]: R rows of x (row stride K), NB int8 weight rows.
 template <int R, int NB>
 inline void int8_tile(const float* x, int64_t K, const int8_t* w, const float* scale, float* out, int64_t ldo) {
   float sums[R][NB] = {};
   int64_t k = 0;
 #if defined(__AVX512F__)
-  // R x NB >= 8 independent sums keep both FMA ports busy; for fewer, each sum takes two chains.
-  constexpr int C = R * NB >= 8 ? 1 : 2;
+  constexpr int C = kChains<R, NB>;
   __m512 acc[R][NB][C];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < NB; ++j)
@@ -60,17 +85,10 @@ inline void int8_tile(const float* x, int64_t K, const int8_t* w, const float* s
       w0[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + j * K + k))));
       w1[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + j * K + k + 16))));
     }
-    for (int r = 0; r < R; ++r) {
-      const __m512 x0 = _mm512_loadu_ps(x + r * K + k), x1 = _mm512_loadu_ps(x + r * K + k + 16);
-      for (int j = 0; j < NB; ++j) {
-        acc[r][j][0] = _mm512_fmadd_ps(w0[j], x0, acc[r][j][0]);
-        acc[r][j][C - 1] = _mm512_fmadd_ps(w1[j], x1, acc[r][j][C - 1]);
-      }
-    }
+    fma_rows<R, NB>(x, K, k, w0, w1, acc);
   }
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NB; ++j)
-      sums[r][j] = _mm512_reduce_add_ps(C == 2 ? _mm512_add_ps(acc[r][j][0], acc[r][j][C - 1]) : acc[r][j][0]);
+    for (int j = 0; j < NB; ++j) sums[r][j] = total(acc[r][j]);
 #else
   float chunk[NB][kChunk];
   float lanes[R][NB][kLanes] = {};
@@ -99,7 +117,7 @@ inline void int4_tile(const float* x, int64_t K, int64_t G, const uint8_t* w, co
                       const float* offset, float* out, int64_t ldo) {
   const int64_t groups = K / G, row_bytes = K / 2;
 #if defined(__AVX512F__)
-  constexpr int C = R * NB >= 8 ? 1 : 2;
+  constexpr int C = kChains<R, NB>;
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512 acc[R][NB][C];
   for (int r = 0; r < R; ++r)
@@ -117,18 +135,11 @@ inline void int4_tile(const float* x, int64_t K, int64_t G, const uint8_t* w, co
         low[j] = _mm512_permutexvar_ps(bytes, table[j]);
         high[j] = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table[j]);
       }
-      for (int r = 0; r < R; ++r) {
-        const __m512 x0 = _mm512_loadu_ps(x + r * K + k), x1 = _mm512_loadu_ps(x + r * K + k + 16);
-        for (int j = 0; j < NB; ++j) {
-          acc[r][j][0] = _mm512_fmadd_ps(low[j], x0, acc[r][j][0]);
-          acc[r][j][C - 1] = _mm512_fmadd_ps(high[j], x1, acc[r][j][C - 1]);
-        }
-      }
+      fma_rows<R, NB>(x, K, k, low, high, acc);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NB; ++j)
-      out[r * ldo + j] = _mm512_reduce_add_ps(C == 2 ? _mm512_add_ps(acc[r][j][0], acc[r][j][C - 1]) : acc[r][j][0]);
+    for (int j = 0; j < NB; ++j) out[r * ldo + j] = total(acc[r][j]);
 #else
   // Chunks of 32 inputs (one packed block): G is a multiple of 32, so a chunk lies in one group.
   float sums[R][NB] = {};

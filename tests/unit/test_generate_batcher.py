@@ -5,7 +5,7 @@ fails only the live requests, and the metrics add up."""
 import pytest
 import torch
 
-from aitune_core.generate.batcher import METRICS, STEP_ROWS, Batcher, BusyError
+from aitune_core.generate.batcher import METRICS, MIN_PROMPT_ROWS, STEP_ROWS, Batcher, BusyError
 from aitune_core.generate.decoder import window_for
 from aitune_core.generate.engine import Engine, Generation
 from aitune_core.generate.prepare import prepare
@@ -74,8 +74,8 @@ def test_batched_answers_equal_solo_answers(prepared):
 
 
 def test_a_prompt_joining_busy_streams_goes_in_over_several_steps_beside_their_decode_rows(prepared):
-    """Chunked prefill: while 3 sequences decode, a long prompt rides along in their infer, at most STEP_ROWS rows
-    a step, and its answer, and theirs, equal the solo ones token for token."""
+    """Chunked prefill: while 3 sequences decode, a long prompt rides along in their infer (STEP_ROWS rows a step,
+    at least MIN_PROMPT_ROWS of them prompt rows), and its answer, and theirs, equal the solo ones token for token."""
     rows_per_infer = []
 
     def infer(tokens, positions, slots, *window):
@@ -85,13 +85,13 @@ def test_a_prompt_joining_busy_streams_goes_in_over_several_steps_beside_their_d
     engine = Engine(infer, prepared.tokenizer, prepared.options)
     batch = requests(prepared, [40, 40, 40, 1, 1, 10])
     solo = {index: engine.generate(batch[index]) for index in (0, 1, 2, 5)}
-    long_prompt = len(batch[5].prompt_ids)
-    assert long_prompt > 2 * (STEP_ROWS - 3)  # so it takes three steps or more
+    long_prompt, prompt_rows = len(batch[5].prompt_ids), max(STEP_ROWS - 3, MIN_PROMPT_ROWS)
+    assert long_prompt > 2 * prompt_rows  # so it takes three steps or more
     batcher = Batcher(engine, max_batch=4)
     batcher.step({str(index): batch[index] for index in (0, 1, 2)})
     rows_per_infer.clear()
     progress = batcher.step({"5": batch[5]}, ["0", "1", "2"])
-    assert rows_per_infer == [(STEP_ROWS, 1)] and batcher.live["5"].prompt_done == STEP_ROWS - 3
+    assert rows_per_infer == [(3 + prompt_rows, 1)] and batcher.live["5"].prompt_done == prompt_rows
     assert not progress["5"].text and not batcher.live["5"].decoding
     ends, live = {}, {"0", "1", "2", "5"}
     while live:
@@ -99,7 +99,7 @@ def test_a_prompt_joining_busy_streams_goes_in_over_several_steps_beside_their_d
             if value.finished:
                 ends[key] = value
                 live.discard(key)
-    assert max(rows for rows, _ in rows_per_infer) <= STEP_ROWS
+    assert max(rows for rows, _ in rows_per_infer) <= 3 + prompt_rows
     for index, expected in solo.items():
         assert ends[str(index)].generation.tokens == expected.tokens, index
     assert len(batcher.free_slots) == 4
