@@ -104,12 +104,8 @@ def main() -> None:
         archive_model(ArchiveOptions(model_name="llm", hf_model=folder, export_path=store, max_batch=STREAMS,
                                      **settings), progress=lambda line: print(f"  {line}", flush=True))
         details["archive"] = {**settings, "max_batch": STREAMS, "seconds": round(time.perf_counter() - started)}
-        server = TorchServe(work / "ts", store, {"llm": "llm.mar"}).start()
-        try:
-            server.wait_ready("llm", timeout=900)
+        with TorchServe(work / "ts", store, {"llm": "llm.mar"}).serving(timeout=900) as server:
             details.update(measure(report, server, rounds, new))
-        finally:
-            server.stop()
     args.out.mkdir(parents=True, exist_ok=True)
     text = (f"Many streams ({'quick' if args.quick else '254M Llama shape'}, {details['archive']}), {machine()}\n\n"
             f"{report.markdown()}\n\n{json.dumps({k: v for k, v in details.items() if k != 'shape'})}\n")

@@ -54,13 +54,8 @@ def model_store(tmp_path_factory, inputs):
 def server(tmp_path_factory, model_store):
     names = ["mlp_eager", "mlp_int8wo", "mlp_int8dq", "mlp_batched", "two_inputs", "two_inputs_bf16", "dict_output"]
     instance = TorchServe(tmp_path_factory.mktemp("torchserve"), model_store, {n: f"{n}.mar" for n in names})
-    instance.start()
-    try:
-        for name in names:
-            instance.wait_ready(name)
+    with instance.serving():
         yield instance
-    finally:
-        instance.stop()
 
 
 @pytest.fixture(scope="session")
@@ -122,13 +117,8 @@ def minilm_server(tmp_path_factory, minilm_inputs):
                                      weights=minilm_inputs / "weights.pt", text_tokenizer=tokenizer,
                                      export_path=store, **changes))
     instance = TorchServe(tmp_path_factory.mktemp("minilm_torchserve"), store, {n: f"{n}.mar" for n in variants})
-    instance.start()
-    try:
-        for name in variants:
-            instance.wait_ready(name, timeout=240)
+    with instance.serving(timeout=240):
         yield instance
-    finally:
-        instance.stop()
 
 
 @pytest.fixture(scope="session")

@@ -41,13 +41,8 @@ def gen_server(tmp_path_factory, folder):
                                  compile=True, export_path=store, config_file=one_at_a_time))
     instance = TorchServe(tmp_path_factory.mktemp("gen_torchserve"), store,
                           {name: f"{name}.mar" for name in MODELS})
-    instance.start()
-    try:
-        for name in MODELS:
-            instance.wait_ready(name, timeout=300)
+    with instance.serving(timeout=300):
         yield instance
-    finally:
-        instance.stop()
 
 
 def ask(server, model, body):

@@ -52,13 +52,8 @@ def hf_server(tmp_path_factory, folders):
                                   ("st_eager", "st", {"backend": "eager"})):
         archive_model(ArchiveOptions(model_name=name, hf_model=folders[folder], export_path=store, **changes))
     instance = TorchServe(tmp_path_factory.mktemp("hf_torchserve"), store, {n: f"{n}.mar" for n in ARCHIVES})
-    instance.start()
-    try:
-        for name in ARCHIVES:
-            instance.wait_ready(name, timeout=240)
+    with instance.serving(timeout=240):
         yield instance
-    finally:
-        instance.stop()
 
 
 @pytest.fixture(scope="module")

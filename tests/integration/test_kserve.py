@@ -32,13 +32,8 @@ def kserve_server(tmp_path_factory, model_store):
     instance = TorchServe(root / "torchserve", mnt / "model-store", {"mlp_int8wo": None, "two_inputs": None},
                           config=mnt / "config" / "config.properties", as_kserve=True,
                           env={"TS_SERVICE_ENVELOPE": "kservev2"})
-    instance.start()
-    try:
-        for name in instance.models:
-            instance.wait_ready(name, timeout=300)
+    with instance.serving(timeout=300):
         yield instance
-    finally:
-        instance.stop()
 
 
 def test_layout_serves_v2_requests_like_the_archive_alone(kserve_server, server):

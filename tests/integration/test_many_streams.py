@@ -50,13 +50,8 @@ def server(tmp_path_factory, folder):
                                  config_file=tight, export_path=store))
     instance = TorchServe(tmp_path_factory.mktemp("streams_torchserve"), store, {"chat": "chat.mar",
                                                                                  "tight": "tight.mar"})
-    instance.start()
-    try:
-        for name in ("chat", "tight"):
-            instance.wait_ready(name, timeout=300)
+    with instance.serving(timeout=300):
         yield instance
-    finally:
-        instance.stop()
 
 
 @pytest.fixture(scope="module")

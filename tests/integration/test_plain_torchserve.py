@@ -52,13 +52,8 @@ def plain(tmp_path_factory, model_store, minilm_inputs):
     instance = TorchServe(tmp_path_factory.mktemp("plain_torchserve"), store,
                           {name: f"{name}.mar" for name in ("mlp_int8wo", "two_inputs", "minilm", "hf_cls")}, config=config,
                           torchserve=venv / "bin" / "torchserve")
-    instance.start()
-    try:
-        for name in instance.models:
-            instance.wait_ready(name, timeout=600)
+    with instance.serving(timeout=600):
         yield instance, store
-    finally:
-        instance.stop()
 
 
 def test_tensor_archives_answer_as_with_the_project_installed(plain, server):

@@ -7,6 +7,7 @@ PID it was started with (the whole process group: frontend and workers).
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,6 +86,17 @@ class TorchServe:
         self.process = subprocess.Popen(command, cwd=self.workdir, env=env, stdout=self.output,
                                         stderr=subprocess.STDOUT, start_new_session=True)
         return self
+
+    @contextlib.contextmanager
+    def serving(self, timeout: float = 120) -> Iterator["TorchServe"]:
+        """Started, every model READY (within ``timeout`` s each), and stopped by its PID on the way out."""
+        self.start()
+        try:
+            for name in self.models:
+                self.wait_ready(name, timeout=timeout)
+            yield self
+        finally:
+            self.stop()
 
     def stop(self) -> None:
         if self.process is None:
