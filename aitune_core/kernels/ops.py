@@ -2,19 +2,20 @@
 
 Custom ops with fake implementations, so that ``torch.compile`` and AOTInductor keep them as one call in the
 graph (an AOTInductor package calls them by name: importing this module registers them in a worker). Up to
-``KERNEL_MAX_ROWS`` rows (decode steps, one-text requests, a 128-token prompt chunk) run the CPU kernels of
-``build.py``: measured, they beat dequantizing the weights and multiplying in fp32 up to ~128 rows (4096 x 4096
-at 16 rows: 2.1 against 42 ms; at 128: 15 against 55; at 256 rows of small layers fp32's GEMM wins). More rows,
-another device, or a CPU where the kernels could not be built, run that dequantize-then-matmul in torch.
+``kernel_max_rows()`` rows (decode steps, one-text requests, prompt chunks) run the CPU kernels of ``build.py``:
+measured, they beat dequantizing the weights and multiplying in fp32 up to 512 rows on AMX (4096 x 4096 at 128
+rows: 4.9 against 45 ms; at 512: 32 against 79) and up to 128 rows with the AVX-512 tiles (16 rows: 2.1 against
+42 ms; 128: 15 against 55). More rows, another device, or a CPU where the kernels could not be built, run that
+dequantize-then-matmul in torch.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from aitune_core.kernels import build
-
-KERNEL_MAX_ROWS = 128
 
 
 def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -30,9 +31,15 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
     return (q.to(scale.dtype) * scale[..., None] + offset[..., None]).view(rows, -1)
 
 
+@functools.cache
+def kernel_max_rows() -> int:
+    """The most rows the CPU kernels take (512 on AMX, 128 with the AVX-512 tiles); 0 where they could not be built."""
+    native = build.native()
+    return native.max_rows() if native is not None else 0
+
+
 def _native_rows(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] <= KERNEL_MAX_ROWS \
-        and build.native() is not None
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] <= kernel_max_rows()
 
 
 @torch.library.custom_op("aitune::int8_weight_only_mm", mutates_args=())

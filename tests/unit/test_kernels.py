@@ -20,7 +20,7 @@ def test_the_kernels_build_for_this_cpu():
     assert build.build_name() in build.describe()
 
 
-@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 8, 15, 16, 17, 40, 128, 129])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 8, 15, 16, 17, 40, 128, 129, 513])
 @pytest.mark.parametrize("in_features, out_features", [(40, 17), (100, 1), (4096 + 24, 33), (272, 203)])
 def test_int8_equals_dequantize_then_matmul(rows, in_features, out_features):
     generator = torch.Generator().manual_seed(rows + in_features)
@@ -59,6 +59,51 @@ def test_the_tiles_built_without_avx512_equal_dequantize_then_matmul(avx2_kernel
     int4 = pack_int4(weight, 64)
     assert close(avx2_kernels.int4_weight_only_mm(x, *int4, 64).double(),
                  x.double() @ ops.dequantize_int4(*int4, 64).double().T)
+
+
+def test_the_kernels_name_the_tiles_they_run():
+    """On a CPU with AMX the products run on its tile unit; the worker's ready line says which tiles run."""
+    tiles = build.native().tiles()
+    assert tiles in build.describe()
+    if torch.cpu.get_capabilities().get("amx_int8"):
+        assert tiles.startswith("AMX int8 tiles")
+
+
+@pytest.fixture(scope="module")
+def avx512_kernels():
+    """The kernels as an AVX-512 CPU without AMX builds them, compiled here with AMX switched off."""
+    capabilities = torch.cpu.get_capabilities()
+    if not capabilities.get("amx_int8"):
+        pytest.skip("this CPU has no AMX: the native build already runs the AVX-512 tiles, tested above")
+    return build.compile_kernels(["-O3", "-march=native", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16",
+                                  "-fopenmp"])
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 16, 40])
+def test_the_tiles_built_without_amx_equal_dequantize_then_matmul(avx512_kernels, rows):
+    assert avx512_kernels.tiles() == "AVX-512 tiles"
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(203, 4096 + 64, generator=generator)
+    x = torch.randn(rows, 4096 + 64, generator=generator)
+    int8 = quantize_int8(weight)
+    assert close(avx512_kernels.int8_weight_only_mm(x, *int8).double(),
+                 x.double() @ ops.dequantize_int8(*int8).double().T)
+    int4 = pack_int4(weight, 64)
+    assert close(avx512_kernels.int4_weight_only_mm(x, *int4, 64).double(),
+                 x.double() @ ops.dequantize_int4(*int4, 64).double().T)
+
+
+def test_the_amx_products_keep_fp32_precision_with_an_outlier_input():
+    """AMX sums int8 pieces of each activation row scaled by its largest value: an input 50x the others
+    must not cost the rest their precision (error of the same order as an fp32 matmul's)."""
+    generator = torch.Generator().manual_seed(0)
+    weight, scale = quantize_int8(torch.randn(256, 4096, generator=generator) * 0.02)
+    x = torch.randn(8, 4096, generator=generator)
+    x[:, 7] *= 50
+    expected = x.double() @ ops.dequantize_int8(weight, scale).double().T
+    fp32_error = ((x @ ops.dequantize_int8(weight, scale).T).double() - expected).abs().max()
+    error = (ops.int8_weight_only_mm(x, weight, scale).double() - expected).abs().max()
+    assert error <= 8 * fp32_error
 
 
 def test_the_formats_hold_the_weights_within_half_a_step():
