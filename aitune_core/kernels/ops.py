@@ -33,38 +33,61 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
 
 @functools.cache
 def kernel_max_rows() -> int:
-    """The most rows the CPU kernels take (512 on AMX, 128 with the AVX-512 tiles); 0 where they could not be built."""
+    """The most rows the CPU kernels take (512 on AMX, 128 with the AVX-512 tiles); 0 where they could not be built.
+    The first call also registers the kernels as the ops' CPU implementation (C++: no Python between a compiled
+    graph and the kernels)."""
     native = build.native()
-    return native.max_rows() if native is not None else 0
+    if native is None:
+        return 0
+    native.register_cpu_kernels()
+    return native.max_rows()
 
 
 def _native_rows(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] <= kernel_max_rows()
 
 
-@torch.library.custom_op("aitune::int8_weight_only_mm", mutates_args=())
-def int8_weight_only_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x [M, K] @ (weight int8 [N, K] * scale [N]).T`` -> ``[M, N]`` in x's dtype."""
+# The ops' schemas, their torch implementation for any device (and for CPU until the kernels are registered, on
+# the first product: kernel_max_rows) and their fake implementations for torch.compile and AOTInductor.
+_LIBRARY = torch.library.Library("aitune", "DEF")
+_LIBRARY.define("int8_weight_only_mm(Tensor x, Tensor weight, Tensor scale) -> Tensor")
+_LIBRARY.define("int4_weight_only_mm(Tensor x, Tensor packed, Tensor scale, Tensor offset, int group_size) -> Tensor")
+
+
+def _int8_in_torch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     if _native_rows(x):
         return build.native().int8_weight_only_mm(x, weight, scale)
     return x @ dequantize_int8(weight, scale).to(x.dtype).T
 
 
-@int8_weight_only_mm.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((x.shape[0], weight.shape[0]))
-
-
-@torch.library.custom_op("aitune::int4_weight_only_mm", mutates_args=())
-def int4_weight_only_mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
-                        group_size: int) -> torch.Tensor:
-    """``x [M, K] @ W.T`` for the int4 ``W [N, K]`` that ``packed``, ``scale`` and ``offset`` hold -> ``[M, N]``."""
+def _int4_in_torch(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                   group_size: int) -> torch.Tensor:
     if _native_rows(x):
         return build.native().int4_weight_only_mm(x, packed, scale, offset, group_size)
     return x @ dequantize_int4(packed, scale, offset, group_size).to(x.dtype).T
 
 
-@int4_weight_only_mm.register_fake
+_LIBRARY.impl("int8_weight_only_mm", _int8_in_torch, "CompositeExplicitAutograd")
+_LIBRARY.impl("int4_weight_only_mm", _int4_in_torch, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("aitune::int8_weight_only_mm")
+def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.register_fake("aitune::int4_weight_only_mm")
 def _(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
       group_size: int) -> torch.Tensor:
     return x.new_empty((x.shape[0], packed.shape[0]))
+
+
+def int8_weight_only_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x [M, K] @ (weight int8 [N, K] * scale [N]).T`` -> ``[M, N]`` in x's dtype."""
+    return torch.ops.aitune.int8_weight_only_mm(x, weight, scale)
+
+
+def int4_weight_only_mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                        group_size: int) -> torch.Tensor:
+    """``x [M, K] @ W.T`` for the int4 ``W [N, K]`` that ``packed``, ``scale`` and ``offset`` hold -> ``[M, N]``."""
+    return torch.ops.aitune.int4_weight_only_mm(x, packed, scale, offset, group_size)
