@@ -43,10 +43,12 @@ METRICS = {
 }
 Observe = Callable[[str, float, dict[str, str]], None]
 # A busy step runs at most this many rows: its decode rows, then prompt tokens of joining requests. Measured
-# (254M decoder, int8, 2 cores): 8 rows 30 ms, 12 rows 40, 16 rows 54, a 32-token prompt pass 86: 12 rows keep
-# the running streams' steps within ~1.4x while a 26-token prompt goes in over a few steps (docs/generate.md).
-STEP_ROWS = 12
-MIN_PROMPT_ROWS = 4  # however many sequences decode, a joining prompt moves on by at least this much a step
+# (254M decoder, int8 on AMX, 2 cores): 1 row 10 ms, 8 rows 19, 12 rows 24, 16 rows 30, a 32-token prompt pass 36:
+# 16 rows (8 of them a prompt's however many decode) take a 26-token prompt in over 3 steps while 7 streams
+# decode, each step within ~1.6x an 8-row one (streams bench: first token 1.8x idle, where 12 rows with 4 gave
+# 2.5x, and p99 between tokens 5.2x against 4.3x; docs/benchmarks.md "Many streams").
+STEP_ROWS = 16
+MIN_PROMPT_ROWS = 8  # however many sequences decode, a joining prompt moves on by at least this much a step
 
 
 class BusyError(AITuneError):
