@@ -20,6 +20,7 @@ from aitune_core.backend import Backend, BackendConfig
 from aitune_core.compilation import CompileSettings
 from aitune_core.graph_spec import GraphSpec, Sample
 from aitune_core.kernels.layers import FORMATS, swap_linears
+from aitune_core.kernels.ops import kernel_max_rows
 from aitune_core.kernels.quantize import INT4_GROUP_SIZES
 from aitune_core.modules import load_weights, module_on
 
@@ -87,6 +88,13 @@ class WeightOnlyBackend(Backend):
     def _build(self, module: torch.nn.Module, graph_spec: GraphSpec, data: list[Sample],
                device: torch.device, cache_dir: Path | None) -> None:
         self._module = self._swap(module_on(module, device), quantize=True)
+
+    def deploy(self, device: torch.device | str | None) -> None:
+        """As ``Backend.deploy``; on a CPU it also builds the kernels and registers them as the ops' CPU
+        implementation now, before requests (and the threads that serve them) arrive, not inside a first product."""
+        super().deploy(device)
+        if self._device.type == "cpu":
+            kernel_max_rows()
 
     def to_dict(self) -> dict[str, Any]:
         """Common state plus the swapped module's state_dict (int8 / uint8 weights, fp32 scales)."""

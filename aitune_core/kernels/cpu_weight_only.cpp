@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <immintrin.h>
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -206,6 +207,7 @@ constexpr int kPieces = 3;
 constexpr int kRowsPerTile = 16 / kPieces;
 constexpr float kPieceStep = 254.f;
 constexpr int64_t kAmxK = 64;      // inputs a tile instruction takes
+constexpr int64_t kAmxMaxK = 131072;  // int32 sums of 127 * 128 products stay exact up to 2^31 / 16256 inputs
 constexpr int kInt8PassTiles = 6;  // v-column tiles a pass keeps: 6 sums + the weights + the activations = 8 tiles
 constexpr int kInt4PassTiles = 3;  // int4: two sets of 3 sums (see int4's block) + weights + activations
 constexpr int64_t kInt4AmxMinRows = 8;  // fewer rows: the AVX-512 tiles are faster (measured, int4 only)
@@ -247,11 +249,21 @@ inline const Pieces& split_rows(const float* x, int64_t M, int64_t K, int64_t K_
   for (int64_t m = 0; m < M; ++m) {
     const float* row = x + m * K;
     __m512 amax = _mm512_setzero_ps();
+    __mmask16 not_finite = 0;
     int64_t k = 0;
-    for (; k + 16 <= K; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(row + k)));
+    for (; k + 16 <= K; k += 16) {
+      const __m512 v = _mm512_abs_ps(_mm512_loadu_ps(row + k));
+      not_finite |= _mm512_cmp_ps_mask(v, _mm512_set1_ps(FLT_MAX), _CMP_NLE_UQ);  // inf or NaN
+      amax = _mm512_max_ps(amax, v);
+    }
     float top = _mm512_reduce_max_ps(amax);
-    for (; k < K; ++k) top = std::max(top, std::abs(row[k]));
-    const float s = top > 0.f ? top / 127.f : 1.f;
+    for (; k < K; ++k) {
+      not_finite |= !std::isfinite(row[k]);
+      top = std::max(top, std::abs(row[k]));
+    }
+    // A row with an inf or a NaN gives NaN sums (as fp32 would give inf or NaN: not a finite guess); a row of
+    // tiny values keeps 1 / s finite.
+    const float s = not_finite ? NAN : top > 0.f ? std::max(top / 127.f, FLT_MIN) : 1.f;
     const __m512 inverse = _mm512_set1_ps(1.f / s), step = _mm512_set1_ps(kPieceStep);
     const int64_t tile = m / kRowsPerTile;
     int32_t* column_at[kPieces];
@@ -482,7 +494,12 @@ inline void int4_amx(const float* offset_sums, int64_t M, int64_t K, int64_t gro
 
 // x fp32 [M, K], weight int8 [N, K], scale fp32 [N] -> fp32 [M, N].
 torch::Tensor int8_weight_only_mm(torch::Tensor x, torch::Tensor weight, torch::Tensor scale) {
-  x = x.contiguous();
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "int8_weight_only_mm: x must be fp32 [M, K]");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.size(1) == x.size(1),
+              "int8_weight_only_mm: weight must be int8 [N, K] with x's K = ", x.size(1));
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == weight.size(0),
+              "int8_weight_only_mm: scale must be fp32 [N]");
+  x = x.contiguous(), weight = weight.contiguous(), scale = scale.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   auto out = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
@@ -491,7 +508,7 @@ torch::Tensor int8_weight_only_mm(torch::Tensor x, torch::Tensor weight, torch::
   float* op = out.data_ptr<float>();
   int64_t n_amx = 0;
 #if defined(AITUNE_AMX)
-  if (M > 0 && K >= kAmxK && N >= 16 && amx_usable()) {
+  if (M > 0 && K >= kAmxK && K <= kAmxMaxK && N >= 16 && amx_usable()) {
     n_amx = N / 16 * 16;
     const Pieces& pieces = split_rows(xp, M, K, K / kAmxK * kAmxK);
     at::parallel_for(0, n_amx / 16, kGrain / 16, [&](int64_t b0, int64_t b1) {
@@ -510,7 +527,15 @@ torch::Tensor int8_weight_only_mm(torch::Tensor x, torch::Tensor weight, torch::
 // x fp32 [M, K], packed uint8 [N, K / 2], scale and offset fp32 [N, K / G] -> fp32 [M, N].
 torch::Tensor int4_weight_only_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor offset,
                                   int64_t group_size) {
-  x = x.contiguous();
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "int4_weight_only_mm: x must be fp32 [M, K]");
+  TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && x.size(1) % group_size == 0,
+              "int4_weight_only_mm: group_size must be a multiple of 32 dividing K = ", x.size(1), ", got ", group_size);
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.size(1) * 2 == x.size(1),
+              "int4_weight_only_mm: packed must be uint8 [N, K / 2] with x's K = ", x.size(1));
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && offset.scalar_type() == at::kFloat &&
+                  scale.numel() == packed.size(0) * (x.size(1) / group_size) && offset.numel() == scale.numel(),
+              "int4_weight_only_mm: scale and offset must be fp32 [N, K / group_size]");
+  x = x.contiguous(), packed = packed.contiguous(), scale = scale.contiguous(), offset = offset.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), groups = K / group_size;
   auto out = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
@@ -520,7 +545,9 @@ torch::Tensor int4_weight_only_mm(torch::Tensor x, torch::Tensor packed, torch::
   float* op = out.data_ptr<float>();
   int64_t n_amx = 0;
 #if defined(AITUNE_AMX)
-  if (M >= kInt4AmxMinRows && N >= 16 && amx_usable()) {
+  // AMX steps take min(G, 64) inputs and must not cross a group: G = 32 or a multiple of 64.
+  if (M >= kInt4AmxMinRows && N >= 16 && K <= kAmxMaxK && (group_size == 32 || group_size % kAmxK == 0) &&
+      amx_usable()) {
     n_amx = N / 16 * 16;
     const Pieces& pieces = split_rows(xp, M, K, K);
     // The offsets' share, sum_groups offset * (sum of x over the group), in fp32: [M, N].
@@ -564,13 +591,15 @@ int64_t max_rows() {
 // implementation for every device): registered here, calls from a compiled graph or an AOTInductor package reach
 // the kernels without Python. Rows past max_rows() or another dtype: dequantize-then-matmul, as in ops.py.
 torch::Tensor int8_op(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale) {
-  if (x.scalar_type() == at::kFloat && x.size(0) <= max_rows()) return int8_weight_only_mm(x, weight, scale);
+  if (x.scalar_type() == at::kFloat && scale.scalar_type() == at::kFloat && x.dim() == 2 && x.size(0) <= max_rows())
+    return int8_weight_only_mm(x, weight, scale);
   return at::matmul(x, (weight.to(scale.scalar_type()) * scale.unsqueeze(1)).to(x.scalar_type()).t());
 }
 
 torch::Tensor int4_op(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale,
                       const torch::Tensor& offset, int64_t group_size) {
-  if (x.scalar_type() == at::kFloat && x.size(0) <= max_rows())
+  if (x.scalar_type() == at::kFloat && scale.scalar_type() == at::kFloat && offset.scalar_type() == at::kFloat &&
+      x.dim() == 2 && x.size(0) <= max_rows())
     return int4_weight_only_mm(x, packed, scale, offset, group_size);
   const int64_t rows = packed.size(0);
   const auto blocks = packed.view({rows, -1, 16});

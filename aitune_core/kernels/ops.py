@@ -12,10 +12,14 @@ dequantize-then-matmul in torch.
 from __future__ import annotations
 
 import functools
+import logging
+from typing import Any
 
 import torch
 
 from aitune_core.kernels import build
+
+logger = logging.getLogger(__name__)
 
 
 def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -39,12 +43,16 @@ def kernel_max_rows() -> int:
     native = build.native()
     if native is None:
         return 0
-    native.register_cpu_kernels()
+    try:
+        native.register_cpu_kernels()
+    except RuntimeError as error:  # a torch that refuses the registration: the torch implementation still answers
+        logger.warning("The CPU kernels could not be registered as the ops' CPU implementation (%s)", error)
     return native.max_rows()
 
 
 def _native_rows(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] <= kernel_max_rows()
+    limit = kernel_max_rows()
+    return limit > 0 and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] <= limit
 
 
 # The ops' schemas, their torch implementation for any device (and for CPU until the kernels are registered, on
@@ -69,6 +77,31 @@ def _int4_in_torch(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, o
 
 _LIBRARY.impl("int8_weight_only_mm", _int8_in_torch, "CompositeExplicitAutograd")
 _LIBRARY.impl("int4_weight_only_mm", _int4_in_torch, "CompositeExplicitAutograd")
+
+
+# Backward (the ops are for inference; this keeps a gradient through them right rather than silently absent):
+# y = x W.T, so dx = dy W.
+def _int8_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    weight, scale = ctx.saved_tensors
+    return grad @ dequantize_int8(weight, scale).to(grad.dtype), None, None
+
+
+def _int4_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    packed, scale, offset = ctx.saved_tensors
+    return grad @ dequantize_int4(packed, scale, offset, ctx.group_size).to(grad.dtype), None, None, None, None
+
+
+def _int8_save(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    ctx.save_for_backward(inputs[1], inputs[2])
+
+
+def _int4_save(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    ctx.save_for_backward(inputs[1], inputs[2], inputs[3])
+    ctx.group_size = inputs[4]
+
+
+torch.library.register_autograd("aitune::int8_weight_only_mm", _int8_backward, setup_context=_int8_save)
+torch.library.register_autograd("aitune::int4_weight_only_mm", _int4_backward, setup_context=_int4_save)
 
 
 @torch.library.register_fake("aitune::int8_weight_only_mm")

@@ -106,6 +106,33 @@ def test_the_amx_products_keep_fp32_precision_with_an_outlier_input():
     assert error <= 8 * fp32_error
 
 
+def test_a_row_with_inf_or_nan_gives_nan_and_tiny_rows_keep_their_precision():
+    weight, scale = quantize_int8(torch.randn(64, 256, generator=torch.Generator().manual_seed(0)))
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(1))
+    x[1, 5], x[2, 9] = float("nan"), float("inf")
+    y = ops.int8_weight_only_mm(x, weight, scale)
+    assert bool(torch.isfinite(y[0]).all()) and not bool(torch.isfinite(y[1:]).any())
+    tiny = torch.randn(2, 256, generator=torch.Generator().manual_seed(2)) * 1e-38
+    assert close(ops.int8_weight_only_mm(tiny, weight, scale).double(),
+                 tiny.double() @ ops.dequantize_int8(weight, scale).double().T)
+
+
+def test_the_ops_pass_a_gradient_and_refuse_shapes_they_cannot_take():
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 256, requires_grad=True)
+    int8 = quantize_int8(weight)
+    ops.int8_weight_only_mm(x, *int8).sum().backward()
+    assert torch.allclose(x.grad, ops.dequantize_int8(*int8).sum(0).expand(2, -1), atol=1e-4)
+    int4 = pack_int4(weight, 64)
+    x.grad = None
+    ops.int4_weight_only_mm(x, *int4, 64).sum().backward()
+    assert torch.allclose(x.grad, ops.dequantize_int4(*int4, 64).sum(0).expand(2, -1), atol=1e-4)
+    with pytest.raises(RuntimeError, match="weight must be int8 \\[N, K\\] with x's K = 100"):
+        ops.int8_weight_only_mm(torch.randn(2, 100), *int8)
+    with pytest.raises(RuntimeError, match="group_size must be a multiple of 32 dividing K = 256, got 96"):
+        ops.int4_weight_only_mm(torch.randn(8, 256), *int4, 96)
+
+
 def test_the_formats_hold_the_weights_within_half_a_step():
     weight = torch.randn(24, 256, generator=torch.Generator().manual_seed(0))
     q, scale = quantize_int8(weight)
