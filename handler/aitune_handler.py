@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 # The archive's own aitune_core goes first, even where this project is also installed: the code
 # that reads a checkpoint is the code that wrote it.
@@ -57,12 +58,21 @@ class AITuneHandler(BaseHandler):
         model_config = getattr(context, "model_yaml_config", None)
         self.context = context
         self.service = None
-        try:
+        # Under continuous batching the model runs on a thread of its own, from its load on: the decode steps run
+        # there while TorchServe carries replies out (generate/service.py says why it must be one thread).
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="aitune-model") if is_continuous(
+            model_config) else None
+
+        def load():
             threads = set_worker_threads(threads_from_config(model_config))
-            self.model = load_model(properties["model_dir"], device, context.manifest["model"].get("modelVersion", "1.0"))
-            if isinstance(self.model.codec, GenerateCodec) and is_continuous(model_config):
+            version = context.manifest["model"].get("modelVersion", "1.0")
+            return threads, load_model(properties["model_dir"], device, version)
+
+        try:
+            threads, self.model = self._on_model_thread(load)
+            if isinstance(self.model.codec, GenerateCodec) and self.model_thread is not None:
                 # TorchServe calls handle once a decode step with every running request (see generate/service.py).
-                self.service = GenerateService(self.model, self._observe, context.model_name)
+                self.service = GenerateService(self.model, self._observe, context.model_name, self.model_thread)
         except Exception as error:  # one clear line for any failure, not a traceback
             reason = str(error) if isinstance(error, AITuneError) else f"{type(error).__name__}: {error}"
             logger.error("AITune: cannot load model %s: %s", context.model_name, reason)
@@ -89,9 +99,13 @@ class AITuneHandler(BaseHandler):
             context.stopping_criteria = [lambda _, reply=reply: None if reply.more is None else not reply.more
                                          for reply in replies]
             return self._reply(context, requests, [reply.response for reply in replies], start)
-        responses = answer_batch(self.model, requests, lambda index, body: send_intermediate_predict_response(
-            {index: body}, {index: context.request_ids[index]}, "Intermediate response", 200, context))
+        responses = self._on_model_thread(lambda: answer_batch(
+            self.model, requests, lambda index, body: send_intermediate_predict_response(
+                {index: body}, {index: context.request_ids[index]}, "Intermediate response", 200, context)))
         return self._reply(context, requests, responses, start)
+
+    def _on_model_thread(self, work):
+        return work() if self.model_thread is None else self.model_thread.submit(work).result()
 
     def _reply(self, context, requests, responses, start):
         for index, response in enumerate(responses):

@@ -1,10 +1,17 @@
 """Continuous batching: requests join the running decode batch between steps and leave as soon as they end.
 
 ``Batcher.step`` is one turn, driven by whoever owns the requests (TorchServe's continuous batching calls
-the handler once a step with the requests that arrived and those still running):
+the handler once a step with the requests that arrived and those still running). It is ``join`` then
+``advance``, which a caller may also run apart (the service runs a lone stream's ``advance`` ahead, while
+TorchServe carries the last step's text out and brings the next call in):
+
+``join`` (quick, between steps):
 
 1. a live sequence whose request is neither arriving nor continuing lost its client: its slot is freed;
-2. each arriving request gets a free KV-cache slot;
+2. each arriving request gets a free KV-cache slot.
+
+``advance`` (one step of the model):
+
 3. while sequences decode, every one of them runs one token, all together in one ``infer`` of ``[rows, 1]``
    tokens (the weights are read once for all of them, which is where many streams gain), and the prompts
    of joining requests ride along in the same ``infer``, one row a prompt token, up to ``STEP_ROWS`` rows
@@ -92,31 +99,62 @@ class Batcher:
         self.observe = observe or (lambda name, value, dimensions: None)
         self.free_slots = list(range(max_batch))
         self.live: dict[str, Live] = {}
+        self.reported_live = 0
 
     def step(self, arrivals: dict[str, GenerateRequest], continuing: Iterable[str] = ()) -> dict[str, Progress]:
         """One turn (see the module's docstring); the ``Progress`` of every arriving and continuing request."""
-        continuing = list(continuing)
+        refused = self.join(arrivals, continuing)
+        return {**self.advance(), **refused}
+
+    def join(self, arrivals: dict[str, GenerateRequest], continuing: Iterable[str] = ()) -> dict[str, Progress]:
+        """Free the slots of live requests that are neither arriving nor ``continuing`` (their client went away) and
+        give each arrival a slot; the ``Progress`` of those that cannot go on (no free slot, not decoding here).
+        The others' progress comes from the next ``advance``."""
         present = set(arrivals) | set(continuing)
         for key in [key for key in self.live if key not in present]:
             self._leave(key, "client_gone")
-        progress = {key: self.live[key].progress if key in self.live else Progress(
-            error=KeyError(f"request {key} is not decoding in this worker")) for key in continuing}
-        started = time.perf_counter()
+        refused = {key: Progress(error=KeyError(f"request {key} is not decoding in this worker"))
+                   for key in continuing if key not in self.live}
+        joined_at = time.perf_counter()
+        for key, request in arrivals.items():
+            progress = self._admit(key, request, joined_at)
+            if progress.finished:
+                refused[key] = progress
+        self._report_live()
+        return refused
+
+    def advance(self) -> dict[str, Progress]:
+        """One step of every live request (see the module's docstring): what each one did, by key, including those
+        that ended in it."""
+        records = {key: live.progress for key, live in self.live.items()}
         # no_grad, not inference_mode: see Engine.generate.
         with torch.no_grad():
-            for key, request in arrivals.items():
-                progress[key] = self._admit(key, request, started)
             decoding = [key for key, live in self.live.items() if live.decoding]
             if decoding:
                 self._decode(decoding, self._prompt_rows(len(decoding)))
             else:
                 self._run_prompts()
-        for live in self.live.values():  # a fresh record for the next turn
+        for live in self.live.values():  # a fresh record for the next step
             live.progress = Progress()
             live.sequence.emit = self._collect(live.progress)
-        if self.live or arrivals or continuing:
-            self.observe("LiveSequences", len(self.live), {})
-        return progress
+        self._report_live()
+        return records
+
+    def abort(self, error: BaseException) -> dict[str, Progress]:
+        """End every live request with ``error`` (a step failed past the requests' own handling)."""
+        records = {}
+        for key in list(self.live):
+            records[key] = self.live[key].progress
+            records[key].error = error
+            self._leave(key, "error")
+        self._report_live()
+        return records
+
+    def _report_live(self) -> None:
+        """The LiveSequences gauge, when it changed (a gauge keeps its last value: one metric line less a step)."""
+        if len(self.live) != self.reported_live:
+            self.reported_live = len(self.live)
+            self.observe("LiveSequences", self.reported_live, {})
 
     def run_alone(self, request: GenerateRequest) -> Progress:
         """``request`` to its end now, in a free slot (for a caller that must answer it in one reply)."""

@@ -8,7 +8,9 @@ Written for generation in the style of gpt-fast: plain modules, the KV cache all
   of every live sequence; ``slots``: ``[batch]``, the cache slot each row writes and reads;
 - ``window`` (optional): ``[batch, L]``, each row ``arange(L)``: the cache positions the rows attend to, ``L``
   past the last position of every row: attention reads ``L`` positions of each slot, not the whole context
-  (the caller rounds ``L`` up, ``window_for``); without it, all ``max_context``;
+  (the caller rounds ``L`` up, ``window_for``); without it, all ``max_context``. On a CPU in fp32 the kernel
+  ``aitune::cached_attention`` reads each row's slot where it lies, as far as the row's own position, and the
+  window is not needed;
 - returns the logits ``[batch, length, vocabulary]``.
 
 Each row writes its keys and values at its positions in its slot, then attends to every cached position
@@ -27,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from aitune_core.kernels import ops
 
 
 @dataclasses.dataclass
@@ -110,23 +114,16 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         # One flat index per (slot, kv head, position): index_copy_ keeps the batch size symbolic where a
         # multi-tensor index_put would make dynamo specialize it.
-        kv_heads, heads, context = self.config.num_kv_heads, self.config.num_heads, self.config.max_context
+        kv_heads, context = self.config.num_kv_heads, self.config.max_context
         rows = slots.view(-1, 1, 1) * kv_heads + torch.arange(kv_heads, device=slots.device).view(1, -1, 1)
         flat = (rows * context + positions.unsqueeze(1)).reshape(-1)  # [batch * kv_heads * length]
         for cache, new in ((self.k_cache, k), (self.v_cache, v)):
             cache.view(-1, head_dim).index_copy_(0, flat, new.transpose(1, 2).reshape(-1, head_dim).to(cache.dtype))
-        # [batch * kv_heads, span, head_dim] with no copy but the slots' gather: the query heads that share a
-        # kv head go together as rows of one bmm, so the cache is never repeated per head.
-        span = mask.shape[-1]  # the window: slice first, so that the slots' gather copies only that much
-        keys = self.k_cache[:, :, :span][slots].view(-1, span, head_dim).to(q.dtype)
-        values = self.v_cache[:, :, :span][slots].view(-1, span, head_dim).to(q.dtype)
-        group = heads // kv_heads
-        q = q.view(batch, length, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4).reshape(-1, group * length,
-                                                                                              head_dim)
-        scores = torch.bmm(q, keys.transpose(1, 2)) * head_dim ** -0.5  # [batch * kv, group * length, span]
-        scores = scores.view(batch, kv_heads, group, length, span).masked_fill(~mask.unsqueeze(1), float("-inf"))
-        out = torch.bmm(scores.softmax(dim=-1).view(-1, group * length, span), values)
-        out = out.view(batch, kv_heads, group, length, head_dim).permute(0, 3, 1, 2, 4)
+        if q.device.type == "cpu" and q.dtype == torch.float32:
+            # On a CPU the kernel reads each row's keys and values where they lie, only up to its own position.
+            out = ops.cached_attention(q, self.k_cache, self.v_cache, slots, positions)
+        else:
+            out = ops.gathered_attention(q, self.k_cache, self.v_cache, slots, mask)
         return self.o_proj(out.reshape(batch, length, -1))
 
 
@@ -187,7 +184,7 @@ class Decoder(nn.Module):
         cos = (angles.cos() * self.config.rope_scaling).to(x.dtype).unsqueeze(2)  # [batch, length, 1, head_dim]
         sin = (angles.sin() * self.config.rope_scaling).to(x.dtype).unsqueeze(2)
         window = self.context_positions.view(1, -1) if window is None else window
-        mask = (window.view(window.shape[0], 1, 1, -1) <= positions.unsqueeze(1).unsqueeze(-1))
+        mask = window.unsqueeze(1) <= positions.unsqueeze(-1)  # [batch, length, span]
         for layer in self.model.layers:
             x = layer(x, cos, sin, slots, positions, mask)
         return self.lm_head(self.model.norm(x))

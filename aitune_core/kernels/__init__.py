@@ -1,6 +1,8 @@
-"""Weight-only int8 and int4 matrix products that read the weights at the memory bandwidth on CPUs.
+"""CPU kernels: weight-only int8 and int4 matrix products that read the weights at the memory bandwidth, and
+attention over a decoder's static KV cache read where it lies.
 
-``quantize.py`` (the formats), ``cpu_weight_only.cpp`` (the kernels), ``build.py`` (compiled for the CPU
-that runs them, cached), ``ops.py`` (torch custom ops, with a torch fallback), ``layers.py`` (the Linear
-layers that use them, and the swap that puts them in a module).
+``quantize.py`` (the formats), ``cpu_weight_only.cpp`` (the products), ``cpu_attention.cpp`` (the attention),
+``cpu_ops.cpp`` (their registration as the ops' CPU implementation), ``build.py`` (compiled for the CPU that runs
+them, cached), ``ops.py`` (torch custom ops, with a torch fallback), ``layers.py`` (the Linear layers that use
+them, and the swap that puts them in a module).
 """

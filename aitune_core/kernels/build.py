@@ -1,6 +1,7 @@
 """The CPU weight-only kernels, compiled for the machine that runs them and cached.
 
-``native()`` compiles ``cpu_weight_only.cpp`` with gcc for this CPU (``-march=native``) the first time
+``native()`` compiles the C++ sources (``cpu_weight_only.cpp``: the products, ``cpu_attention.cpp``: attention
+over the KV cache, ``cpu_ops.cpp``: their registration) with gcc for this CPU (``-march=native``) the first time
 a process needs it, into torch's extensions folder (``TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``), under a name made of the source's digest and the CPU's features: a
 worker on another CPU builds its own (~30 s, once), the same CPU loads the cached build in
@@ -22,7 +23,9 @@ from types import ModuleType
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_weight_only.cpp")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "cpu_weight_only.cpp", HERE / "cpu_attention.cpp", HERE / "cpu_ops.cpp"]
+HEADER = HERE / "cpu_kernels.h"
 FLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP: ATen's parallel_for runs on torch's threads
 _failure: list[str] = []
 
@@ -34,7 +37,8 @@ def build_name(flags: list[str] = FLAGS) -> str:
     from aitune_core.precision import cpu_features
 
     features = json.dumps(cpu_features(), sort_keys=True, default=str)
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + features.encode()
+    code = b"".join(path.read_bytes() for path in [*SOURCES, HEADER])
+    digest = hashlib.sha256(code + " ".join(flags).encode() + features.encode()
                             + torch.__version__.encode()).hexdigest()[:16]
     return f"aitune_weight_only_{digest}"
 
@@ -48,7 +52,8 @@ def compile_kernels(flags: list[str]) -> ModuleType:
     bin_dir = str(Path(sys.executable).parent)
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-    return cpp_extension.load(build_name(flags), [str(SOURCE)], extra_cflags=flags, verbose=False)
+    return cpp_extension.load(build_name(flags), [str(path) for path in SOURCES], extra_cflags=flags,
+                              extra_include_paths=[str(HERE)], verbose=False)
 
 
 @functools.cache

@@ -8,8 +8,9 @@
 //   rows x NB weight rows, each weight vector converted to fp32 once for R rows, each activation vector loaded
 //   once for NB weight rows, the R x NB sums in registers across K: AVX-512 intrinsics, or without AVX-512,
 //   a chunk of weights converted once and the dot products left to the compiler.
+#include "cpu_kernels.h"
+
 #include <torch/extension.h>
-#include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <cstdint>
 #include <immintrin.h>
@@ -585,43 +586,4 @@ int64_t max_rows() {
   if (amx_usable()) return 512;
 #endif
   return 128;
-}
-
-// The ops aitune::int8_weight_only_mm / int4_weight_only_mm for CPU tensors (ops.py defines them, with a torch
-// implementation for every device): registered here, calls from a compiled graph or an AOTInductor package reach
-// the kernels without Python. Rows past max_rows() or another dtype: dequantize-then-matmul, as in ops.py.
-torch::Tensor int8_op(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale) {
-  if (x.scalar_type() == at::kFloat && scale.scalar_type() == at::kFloat && x.dim() == 2 && x.size(0) <= max_rows())
-    return int8_weight_only_mm(x, weight, scale);
-  return at::matmul(x, (weight.to(scale.scalar_type()) * scale.unsqueeze(1)).to(x.scalar_type()).t());
-}
-
-torch::Tensor int4_op(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale,
-                      const torch::Tensor& offset, int64_t group_size) {
-  if (x.scalar_type() == at::kFloat && scale.scalar_type() == at::kFloat && offset.scalar_type() == at::kFloat &&
-      x.dim() == 2 && x.size(0) <= max_rows())
-    return int4_weight_only_mm(x, packed, scale, offset, group_size);
-  const int64_t rows = packed.size(0);
-  const auto blocks = packed.view({rows, -1, 16});
-  const auto q = at::stack({blocks.bitwise_and(15), blocks.bitwise_right_shift(4)}, 2).view({rows, -1, group_size});
-  const auto weight = (q.to(scale.scalar_type()) * scale.unsqueeze(-1) + offset.unsqueeze(-1)).view({rows, -1});
-  return at::matmul(x, weight.to(x.scalar_type()).t());
-}
-
-void register_cpu_kernels() {
-  static torch::Library library(torch::Library::IMPL, "aitune", c10::DispatchKey::CPU, __FILE__, __LINE__);
-  static const bool registered = [] {
-    library.impl("int8_weight_only_mm", TORCH_FN(int8_op));
-    library.impl("int4_weight_only_mm", TORCH_FN(int4_op));
-    return true;
-  }();
-  (void)registered;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("register_cpu_kernels", &register_cpu_kernels);
-  m.def("tiles", &tiles);
-  m.def("max_rows", &max_rows);
-  m.def("int8_weight_only_mm", &int8_weight_only_mm);
-  m.def("int4_weight_only_mm", &int4_weight_only_mm);
 }

@@ -2,6 +2,7 @@
 call one step, each request one reply per call, in its protocol (TorchServe's JSON, OpenAI's API and SSE)."""
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,57 @@ def test_a_request_the_frontend_stops_sending_is_dropped(model):
                               "stays": rest({"prompt": "y", "max_new_tokens": 10})}, gone_after=("gone", 3))
     assert json.loads(bodies["stays"])["usage"]["completion_tokens"] <= 10
     assert not service.running and len(service.batcher.free_slots) == 4
+
+
+class Recording:
+    """A loaded model whose backend's infer records the thread each call ran on."""
+
+    def __init__(self, model):
+        self.codec, self.info, self.threads = model.codec, model.info, []
+        infer = model.backend.infer
+
+        def recorded(*args):
+            self.threads.append(threading.current_thread().name)
+            return infer(*args)
+
+        self.backend = type("Backend", (), {"infer": staticmethod(recorded)})()
+
+
+def test_steps_run_ahead_on_the_model_thread(model):
+    """A lone stream's call returns the text of the step that ran since the last one and starts the next: an idle
+    worker's arrival gets its first step in its own call, an arrival beside a stream running ahead an empty first
+    reply; every forward runs on the one model thread."""
+    recording = Recording(model)
+    service = GenerateService(recording)
+    body = {"prompt": "The quick brown fox", "max_new_tokens": 12, "stream": True}
+    [first] = service.step([("a", *rest(body))])
+    assert first.more and service.stepping is not None  # the next step is under way after the call returned
+    a_next, b_first = service.step([("a", {}, rest(body)[1]), ("b", *rest(body))])
+    assert b_first.more and json.loads(b_first.response.body) == {"text": ""}
+    assert a_next.more and a_next.response.status == 200
+    assert service.stepping is None  # two sequences: an arrival must not wait for a step under way, none runs ahead
+    bodies, _ = run(service, {"a": rest(body), "b": rest(body)})
+    assert not service.running and service.stepping is None and len(service.batcher.free_slots) == 4
+    assert recording.threads and {name.split("_")[0] for name in recording.threads} == {"aitune-model"}
+
+
+def test_a_step_that_fails_past_the_batcher_fails_its_requests_and_the_next_are_served(model, monkeypatch):
+    service = GenerateService(model)
+    body = {"prompt": "x", "max_new_tokens": 8, "stream": True}
+    service.step([("a", *rest(body))])
+    service.stepping.result()  # let the step under way end, then break the next one
+
+    def broken(keys, prompt_parts):
+        raise RuntimeError("a bug in a step")
+
+    monkeypatch.setattr(service.batcher, "_decode", broken)
+    service.step([("a", {}, rest(body)[1])])
+    [reply] = service.step([("a", {}, rest(body)[1])])
+    assert reply.more is False and "a bug in a step" in json.loads(reply.response.body)["error"]
+    monkeypatch.undo()
+    assert not service.batcher.live and len(service.batcher.free_slots) == 4
+    bodies, _ = run(service, {"next": rest({"prompt": "y", "max_new_tokens": 3})})
+    assert json.loads(bodies["next"])["usage"]["completion_tokens"] <= 3
 
 
 def test_grpc_calls_are_answered_in_one_message(model):

@@ -1,5 +1,6 @@
-"""The CPU weight-only kernels: built here, equal to dequantize-then-matmul on odd shapes, kept whole by
-torch.compile, and the backend that swaps them in, through its checkpoint."""
+"""The CPU kernels: built here, the weight-only products equal to dequantize-then-matmul on odd shapes, the
+attention over a KV cache equal to its gathered reference, kept whole by torch.compile, and the backend that swaps
+the products in, through its checkpoint."""
 
 import pytest
 import torch
@@ -59,6 +60,8 @@ def test_the_tiles_built_without_avx512_equal_dequantize_then_matmul(avx2_kernel
     int4 = pack_int4(weight, 64)
     assert close(avx2_kernels.int4_weight_only_mm(x, *int4, 64).double(),
                  x.double() @ ops.dequantize_int4(*int4, 64).double().T)
+    attention = attention_case(rows, 1, 6, 2, 40)
+    assert close(avx2_kernels.cached_attention(*attention).double(), attention_reference(*attention))
 
 
 def test_the_kernels_name_the_tiles_they_run():
@@ -168,6 +171,69 @@ def test_layers_take_any_leading_dims_and_a_bias_and_compile_whole():
             assert close(layer(x), expected)
             torch._dynamo.reset()
             assert close(torch.compile(layer, fullgraph=True)(x), expected)  # fullgraph: no break at the op
+
+
+def attention_case(rows, length, heads, kv_heads, head_dim, context=70, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    slots = max(rows, 5)
+    caches = [torch.randn(slots, kv_heads, context, head_dim, generator=generator) for _ in range(2)]
+    q = torch.randn(rows, length, heads, head_dim, generator=generator)
+    row_slots = torch.randperm(slots, generator=generator)[:rows]
+    positions = torch.randint(0, context, (rows, length), generator=generator)
+    if rows:
+        positions[0, 0], positions[-1, -1] = 0, context - 1  # the first position alone, and the whole context
+    return q, *caches, row_slots, positions
+
+
+def attention_reference(q, k_cache, v_cache, slots, positions):
+    """The gathered attention in float64, each row up to its own position."""
+    mask = torch.arange(k_cache.shape[2]) <= positions.unsqueeze(-1)
+    return ops.gathered_attention(q.double(), k_cache.double(), v_cache.double(), slots, mask)
+
+
+@pytest.mark.parametrize("rows, length, heads, kv_heads, head_dim", [
+    (1, 1, 4, 4, 64), (8, 1, 16, 8, 64), (3, 5, 6, 2, 40), (2, 1, 4, 1, 17), (0, 1, 4, 2, 32), (2, 9, 8, 2, 40),
+    (1, 64, 16, 8, 64)])
+def test_cached_attention_equals_the_gathered_reference(rows, length, heads, kv_heads, head_dim):
+    """Each row reads its own slot up to its own position: grouped heads, head_dim not a multiple of the lanes,
+    several tokens a row (in loops, and from 16 query rows a kv head in two GEMMs), the first position alone, the
+    whole context, no rows."""
+    case = attention_case(rows, length, heads, kv_heads, head_dim)
+    assert close(ops.cached_attention(*case).double(), attention_reference(*case))
+
+
+def test_cached_attention_ignores_what_lies_past_a_rows_position_and_keeps_other_dtypes():
+    q, k_cache, v_cache, slots, positions = attention_case(3, 1, 4, 2, 32)
+    expected = ops.cached_attention(q, k_cache, v_cache, slots, positions)
+    for cache in (k_cache, v_cache):  # another sequence's leftovers past each row's position
+        for slot, position in zip(slots.tolist(), positions[:, 0].tolist()):
+            cache[slot, :, position + 1:] = 1e4
+    assert torch.equal(ops.cached_attention(q, k_cache, v_cache, slots, positions), expected)
+    half = ops.cached_attention(q.bfloat16(), k_cache.bfloat16(), v_cache.bfloat16(), slots, positions)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), expected, atol=3e-2, rtol=3e-2)
+
+
+def test_cached_attention_gives_nan_only_to_a_row_with_nan_and_refuses_what_it_cannot_read():
+    q, k_cache, v_cache, slots, positions = attention_case(3, 1, 4, 2, 32)
+    q[1, 0, 2, 5] = float("nan")  # head 2 shares kv head 1 with head 3: both of its heads' outputs may be NaN
+    out = ops.cached_attention(q, k_cache, v_cache, slots, positions)
+    assert bool(torch.isnan(out[1, 0, 2]).all()) and bool(torch.isfinite(out[[0, 2]]).all())
+    assert bool(torch.isfinite(out[1, 0, :2]).all())
+    with pytest.raises(RuntimeError, match="slot 9 of row 0 is not in \\[0, 5\\)"):
+        ops.cached_attention(q, k_cache, v_cache, torch.tensor([9, 0, 1]), positions)
+    with pytest.raises(RuntimeError, match="position 70 of row 2 is not in \\[0, 70\\)"):
+        ops.cached_attention(q, k_cache, v_cache, slots, torch.tensor([[1], [2], [70]]))
+    with pytest.raises(RuntimeError, match="kv heads divide q's 4 heads"):
+        ops.cached_attention(q, k_cache[:, :1].repeat(1, 3, 1, 1), v_cache[:, :1].repeat(1, 3, 1, 1), slots,
+                             positions)
+
+
+def test_cached_attention_compiles_as_one_call():
+    case = attention_case(4, 1, 8, 4, 64)
+    torch._dynamo.reset()
+    compiled = torch.compile(ops.cached_attention, fullgraph=True, dynamic=True)
+    assert close(compiled(*case).double(), attention_reference(*case))
 
 
 def test_swap_leaves_what_int4_cannot_take_in_float(caplog):

@@ -1,0 +1,203 @@
+// Attention over a static KV cache, read where it lies. Each query (a decode step, a prompt token riding in a
+// decode step, a prompt chunk's token) attends to its own slot's cached positions up to its own position. Done in torch, that
+// is a gather of every row's window out of the cache (a copy the length of the longest sequence for every
+// row), a masked score matrix and two batched products: at 8 decode rows of a 254M decoder that costs more
+// than the rest of the step but its products. Here each (row, kv head) reads its keys and values once, only
+// as far as its own position, for the query heads that share them.
+#include "cpu_kernels.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int kLanes = 16;  // partial sums of a dot product, added up once: the compiler keeps them in registers
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] += a[i + l] * b[i + l];
+  for (; i < n; ++i) lanes[i % kLanes] += a[i] * b[i];
+  // Halves added pairwise: vector adds, where a sum lane after lane is sixteen dependent scalar ones.
+  for (int width = kLanes / 2; width > 0; width /= 2)
+    for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+  return lanes[0];
+}
+
+// exp(x) for the x <= 0 of a softmax, within ~1 ulp (Cephes' expf), in plain float arithmetic so that the
+// compiler vectorizes a loop of it (std::exp is called one value at a time). A NaN stays NaN.
+inline float exp_nonpositive(float x) {
+  x = x < -87.3f ? -87.3f : x;
+  const float rounder = 12582912.f;  // 1.5 * 2^23: adding and taking it away rounds to an integer
+  const float n = (x * 1.44269504088896341f + rounder) - rounder;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float power;
+  std::memcpy(&power, &bits, sizeof power);
+  return p * power;
+}
+
+constexpr int64_t kAhead = 8;  // key rows prefetched ahead of the one read
+
+// A prefetch is a hint: past the end of the cache it never faults.
+inline void prefetch_row(const float* row, int64_t D) {
+  for (int64_t i = 0; i < D; i += 16) __builtin_prefetch(row + i);
+}
+
+// Softmax of ``row``'s first ``count`` scores times ``scale``; the rest of its ``width`` (positions past the query's
+// own) get 0.
+void softmax_prefix(float* row, int64_t count, int64_t width, float scale) {
+  float top = row[0] * scale;
+  for (int64_t c = 0; c < count; ++c) {
+    row[c] *= scale;
+    top = row[c] > top ? row[c] : top;
+  }
+  if (std::isnan(top)) top = 0.f;  // a NaN score must spread, not be taken away from itself as NaN - NaN
+  float total = 0.f;
+  for (int64_t c = 0; c < count; ++c) {
+    row[c] = exp_nonpositive(row[c] - top);
+    total += row[c];
+  }
+  const float inverse = 1.f / total;
+  for (int64_t c = 0; c < count; ++c) row[c] *= inverse;
+  for (int64_t c = count; c < width; ++c) row[c] = 0.f;
+}
+
+// A decode row's G query heads ``q`` (G x D) over ``count`` cached keys and values (count x D each) -> ``out``
+// (G x D), in loops: a few query rows are bound by reading the keys and values, which this does once.
+// ``scores`` and ``sums`` are the caller's scratch.
+void attend_few(const float* q, int64_t G, int64_t D, const float* keys, const float* values, int64_t count,
+                float scale, float* out, std::vector<float>& scores, std::vector<float>& sums) {
+  scores.resize(G * count);
+  sums.assign(G * D, 0.f);
+  for (int64_t c = 0; c < count; ++c) {
+    // The keys' and values' rows are short streams (a few KB) read once between a step's weights, out of memory:
+    // ask for the key row kAhead on and this value row (read in the next pass) before they are needed.
+    prefetch_row(keys + (c + kAhead) * D, D);
+    prefetch_row(values + c * D, D);
+    for (int64_t g = 0; g < G; ++g) scores[g * count + c] = dot(q + g * D, keys + c * D, D);
+  }
+  for (int64_t g = 0; g < G; ++g) softmax_prefix(scores.data() + g * count, count, count, scale);
+  for (int64_t c = 0; c < count; ++c) {
+    const float* v = values + c * D;
+    for (int64_t g = 0; g < G; ++g) {
+      const float p = scores[g * count + c];
+      float* sum = sums.data() + g * D;
+      for (int64_t d = 0; d < D; ++d) sum[d] += p * v[d];
+    }
+  }
+  std::memcpy(out, sums.data(), G * D * sizeof(float));
+}
+
+// The L x G query rows of one kv head (a prompt chunk: L tokens at ``positions``; q and out rows of H heads, this
+// head's G from ``head``) over the keys and values where they lie, in two matrix products: many query rows are
+// bound by the multiplications, which a GEMM does best.
+void attend_many(const float* q, int64_t L, int64_t H, int64_t G, int64_t D, int64_t head, const int64_t* positions,
+                 const float* keys, const float* values, float scale, float* out) {
+  int64_t count = 0;
+  for (int64_t t = 0; t < L; ++t) count = std::max(count, positions[t] + 1);
+  const auto options = at::TensorOptions().dtype(at::kFloat);
+  auto queries = at::empty({L * G, D}, options);
+  float* rows = queries.data_ptr<float>();
+  for (int64_t t = 0; t < L; ++t) std::memcpy(rows + t * G * D, q + (t * H + head) * D, G * D * sizeof(float));
+  const auto k = at::from_blob(const_cast<float*>(keys), {count, D}, options);
+  const auto v = at::from_blob(const_cast<float*>(values), {count, D}, options);
+  auto scores = at::mm(queries, k.t());
+  float* s = scores.data_ptr<float>();
+  for (int64_t t = 0; t < L; ++t)
+    for (int64_t g = 0; g < G; ++g) softmax_prefix(s + (t * G + g) * count, positions[t] + 1, count, scale);
+  const auto sums = at::mm(scores, v);
+  const float* o = sums.data_ptr<float>();
+  for (int64_t t = 0; t < L; ++t) std::memcpy(out + (t * H + head) * D, o + t * G * D, G * D * sizeof(float));
+}
+
+constexpr int64_t kGemmRows = 16;  // query rows of one kv head from which two GEMMs beat the loops (L x G)
+
+}  // namespace
+
+torch::Tensor cached_attention(const torch::Tensor& q_in, const torch::Tensor& k_cache_in,
+                               const torch::Tensor& v_cache_in, const torch::Tensor& slots_in,
+                               const torch::Tensor& positions_in) {
+  TORCH_CHECK(q_in.dim() == 4, "cached_attention: q must be [batch, length, heads, head_dim], got ", q_in.sizes());
+  TORCH_CHECK(k_cache_in.dim() == 4 && k_cache_in.sizes() == v_cache_in.sizes(),
+              "cached_attention: the caches must both be [slots, kv_heads, context, head_dim], got ",
+              k_cache_in.sizes(), " and ", v_cache_in.sizes());
+  const int64_t B = q_in.size(0), L = q_in.size(1), H = q_in.size(2), D = q_in.size(3);
+  const int64_t S = k_cache_in.size(0), KV = k_cache_in.size(1), C = k_cache_in.size(2);
+  TORCH_CHECK(k_cache_in.size(3) == D && KV > 0 && H % KV == 0,
+              "cached_attention: the caches' head_dim must be q's (", D, ") and their kv heads divide q's ", H,
+              " heads, got ", k_cache_in.sizes());
+  TORCH_CHECK(!at::isFloatingType(slots_in.scalar_type()) && slots_in.dim() == 1 && slots_in.size(0) == B,
+              "cached_attention: slots must be integers [batch = ", B, "], got ", slots_in.sizes());
+  TORCH_CHECK(!at::isFloatingType(positions_in.scalar_type()) && positions_in.dim() == 2 &&
+                  positions_in.size(0) == B && positions_in.size(1) == L,
+              "cached_attention: positions must be integers [batch, length] = [", B, ", ", L, "], got ",
+              positions_in.sizes());
+  const auto slots = slots_in.to(at::kLong).contiguous();
+  const auto positions = positions_in.to(at::kLong).contiguous();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t* position = positions.data_ptr<int64_t>();
+  int64_t last = -1;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(slot[b] >= 0 && slot[b] < S, "cached_attention: slot ", slot[b], " of row ", b, " is not in [0, ", S,
+                ")");
+    for (int64_t t = 0; t < L; ++t) {
+      const int64_t p = position[b * L + t];
+      TORCH_CHECK(p >= 0 && p < C, "cached_attention: position ", p, " of row ", b, " is not in [0, ", C, ")");
+      last = p > last ? p : last;
+    }
+  }
+  if (q_in.scalar_type() != at::kFloat || k_cache_in.scalar_type() != at::kFloat ||
+      v_cache_in.scalar_type() != at::kFloat) {
+    // Another dtype: the rows' windows only, in fp32, each in its own slot; the answer in q's dtype.
+    const auto window = [&](const torch::Tensor& cache) {
+      return cache.slice(2, 0, last + 1).index_select(0, slots).to(at::kFloat);
+    };
+    const auto rows = torch::arange(B, slots.options());
+    return cached_attention(q_in.to(at::kFloat), window(k_cache_in), window(v_cache_in), rows, positions)
+        .to(q_in.scalar_type());
+  }
+  const auto q = q_in.contiguous(), k_cache = k_cache_in.contiguous(), v_cache = v_cache_in.contiguous();
+  auto out = torch::empty({B, L, H, D}, q.options());
+  const int64_t G = H / KV;
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  if (L * G >= kGemmRows) {
+    // One task a (row, kv head): its L tokens' G query heads in two GEMMs.
+    at::parallel_for(0, B * KV, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t h = i % KV, b = i / KV;
+        const int64_t cache_row = (slot[b] * KV + h) * C * D;
+        attend_many(qp + b * L * H * D, L, H, G, D, h * G, position + b * L, kp + cache_row, vp + cache_row, scale,
+                    op + b * L * H * D);
+      }
+    });
+    return out;
+  }
+  // One task a (row, token, kv head): its G query heads read that head's keys and values once.
+  at::parallel_for(0, B * L * KV, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores, sums;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t h = i % KV, bt = i / KV, b = bt / L;
+      const int64_t cache_row = (slot[b] * KV + h) * C * D;
+      const int64_t head = (bt * H + h * G) * D;
+      attend_few(qp + head, G, D, kp + cache_row, vp + cache_row, position[bt] + 1, scale, op + head, scores, sums);
+    }
+  });
+  return out;
+}
