@@ -121,9 +121,9 @@ def warm_up(backend: Backend) -> list[str]:
 
 
 def _kernel_notes() -> list[str]:
-    """Which weight-only products the warm-up ran, when the backend's layers use this project's kernels."""
+    """Which CPU kernels the warm-up ran (weight-only products, a decoder's attention), when it ran any."""
     kernels = sys.modules.get("aitune_core.kernels.build")
-    return [f"weight-only products: {kernels.describe()}"] if kernels is not None and kernels.tried() else []
+    return [f"CPU kernels: {kernels.describe()}"] if kernels is not None and kernels.tried() else []
 
 
 def answer_batch(model: LoadedModel, requests: list[tuple[dict[str, Any], dict[str, Any] | None]],

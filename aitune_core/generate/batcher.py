@@ -127,26 +127,24 @@ class Batcher:
         """One step of every live request (see the module's docstring): what each one did, by key, including those
         that ended in it."""
         records = {key: live.progress for key, live in self.live.items()}
-        # no_grad, not inference_mode: see Engine.generate.
-        with torch.no_grad():
-            decoding = [key for key, live in self.live.items() if live.decoding]
-            if decoding:
-                self._decode(decoding, self._prompt_rows(len(decoding)))
-            else:
-                self._run_prompts()
+        try:
+            # no_grad, not inference_mode: see Engine.generate.
+            with torch.no_grad():
+                decoding = [key for key, live in self.live.items() if live.decoding]
+                if decoding:
+                    self._decode(decoding, self._prompt_rows(len(decoding)))
+                else:
+                    self._run_prompts()
+        except Exception as error:  # noqa: BLE001 - past the requests' own handling: this step's requests fail
+            logger.exception("A generation step failed")
+            for key, record in records.items():
+                if not record.finished:
+                    record.error = error
+                if key in self.live:
+                    self._leave(key, "error")
         for live in self.live.values():  # a fresh record for the next step
             live.progress = Progress()
             live.sequence.emit = self._collect(live.progress)
-        self._report_live()
-        return records
-
-    def abort(self, error: BaseException) -> dict[str, Progress]:
-        """End every live request with ``error`` (a step failed past the requests' own handling)."""
-        records = {}
-        for key in list(self.live):
-            records[key] = self.live[key].progress
-            records[key].error = error
-            self._leave(key, "error")
         self._report_live()
         return records
 

@@ -139,7 +139,8 @@ class GenerateService:
     def step(self, requests: list[tuple[str, dict[str, Any], dict[str, Any] | None]]) -> list[Reply]:
         """``(request id, parameters, headers)`` of every request of the call (a running one has no parameters)
         -> each one's reply, in order."""
-        stepped = self._collect(self.stepping) if self.stepping is not None else None
+        ran_ahead = self.stepping is not None
+        stepped = self._collect(self.stepping) if ran_ahead else None
         replies: dict[str, Reply] = {}
         arrivals, continuing, alone = {}, [], {}
         for request_id, parameters, headers in requests:
@@ -158,6 +159,7 @@ class GenerateService:
                 arrivals[request_id] = started.generate_request
         for request_id in [key for key in self.running if key not in arrivals and key not in continuing]:
             del self.running[request_id]  # its client went away: join frees its sequence
+        live_before = len(self.batcher.live)
         progress = self.batcher.join(arrivals, [key for key in continuing if not (
             stepped and key in stepped and stepped[key].finished)])
         if stepped is None:  # no step ran since the last call (an idle worker's arrivals): this call's runs now
@@ -170,19 +172,19 @@ class GenerateService:
         for request_id, started in alone.items():  # after join, which freed the slots of clients gone
             alone_progress = self.model_thread.submit(self.batcher.run_alone, started.generate_request).result()
             replies[request_id] = started.reply(alone_progress, self.model)
-        if 0 < len(self.batcher.live) <= RUN_AHEAD_LIVE:
+        # A lone stream's next step runs ahead; so does the one after a step that ran ahead, which the arrivals of
+        # this call joined (else they would wait a call for a step with the model idle).
+        if self.batcher.live and (len(self.batcher.live) <= RUN_AHEAD_LIVE or (
+                ran_ahead and live_before <= RUN_AHEAD_LIVE)):
             self.stepping = self.model_thread.submit(self.batcher.advance)
         self._report()
         return [replies[request_id] for request_id, _, _ in requests]
 
     def _collect(self, stepping: concurrent.futures.Future) -> dict[str, Progress]:
-        """What the step ``stepping`` did, once it is done."""
+        """What the step ``stepping`` did, once it is done (a step that fails fails its own requests)."""
         self.stepping = None
         try:
             return stepping.result()
-        except Exception as error:  # noqa: BLE001 - a step that failed past the batcher's own handling
-            logger.exception("A generation step failed")
-            return self.batcher.abort(error)
         finally:
             self._report()
 

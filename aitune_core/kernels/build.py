@@ -82,5 +82,6 @@ def failure() -> str | None:
 def describe() -> str:
     """One line for a worker's ready message: which kernels run."""
     if native() is not None:
-        return f"aitune CPU weight-only kernels built for this CPU ({build_name()}: {native().tiles()})"
-    return f"torch dequantize-then-matmul (the CPU kernels could not be built: {failure()})"
+        return f"aitune CPU kernels built for this CPU ({build_name()}: {native().tiles()})"
+    return (f"torch (products: dequantize-then-matmul; attention: gathered) (the CPU kernels could not be built: "
+            f"{failure()})")

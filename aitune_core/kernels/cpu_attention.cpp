@@ -43,7 +43,8 @@ inline float exp_nonpositive(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  const float whole = n == n ? n : 0.f;  // a NaN x keeps NaN through p; the exponent's bits need a number
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(whole) + 127) << 23;
   float power;
   std::memcpy(&power, &bits, sizeof power);
   return p * power;

@@ -43,7 +43,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("register_cpu_kernels", &register_cpu_kernels);
   m.def("tiles", &tiles);
   m.def("max_rows", &max_rows);
-  m.def("int8_weight_only_mm", &int8_weight_only_mm);
-  m.def("int4_weight_only_mm", &int4_weight_only_mm);
-  m.def("cached_attention", &cached_attention);
+  // Called from Python (the ops' torch implementation, before or without the registration): the GIL is let go,
+  // so a model on its own thread does not hold up the thread that talks to TorchServe.
+  const auto release = py::call_guard<py::gil_scoped_release>();
+  m.def("int8_weight_only_mm", &int8_weight_only_mm, release);
+  m.def("int4_weight_only_mm", &int4_weight_only_mm, release);
+  m.def("cached_attention", &cached_attention, release);
 }

@@ -121,7 +121,7 @@ def test_our_cpu_kernels_serve_as_they_answer_in_process(gen_server, tmp_path):
     engine = Engine(model.backend.infer, model.codec.tokenizer, model.codec.options)
     assert engine.generate(parse(body, model.codec.tokenizer, model.codec.options)).text == answer["text"]
     ready = [line for line in gen_server.model_log().splitlines() if "model gen_w8 ready" in line]
-    assert ready and "weight-only products: aitune CPU weight-only kernels built for this CPU" in ready[0], ready
+    assert ready and "CPU kernels: aitune CPU kernels built for this CPU" in ready[0], ready
 
 
 def test_seeded_sampling_repeats_and_stop_strings_are_never_sent(gen_server):

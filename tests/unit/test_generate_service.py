@@ -67,6 +67,16 @@ def run(service, requests, gone_after=None):
     return bodies, replies
 
 
+def json_pieces(body):
+    """The JSON objects of a TorchServe JSON stream, one after the other."""
+    decoder, pieces, text = json.JSONDecoder(), [], body.decode()
+    while text:
+        value, end = decoder.raw_decode(text)
+        pieces.append(value)
+        text = text[end:]
+    return pieces
+
+
 def test_streams_in_each_protocol_answer_as_alone(model, prepared):
     options, tokenizer = prepared.options, prepared.tokenizer
     engine = Engine(prepared.module, tokenizer, options)
@@ -79,11 +89,7 @@ def test_streams_in_each_protocol_answer_as_alone(model, prepared):
                      "stream_options": {"include_usage": True}}, "v1/completions"),
         "chat": rest({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0,
                       "stream": True}, "v1/chat/completions")})
-    decoder, pieces, text = json.JSONDecoder(), [], bodies["ts"].decode()
-    while text:
-        value, end = decoder.raw_decode(text)
-        pieces.append(value)
-        text = text[end:]
+    pieces = json_pieces(bodies["ts"])
     assert "".join(piece["text"] for piece in pieces) == expected.text
     assert pieces[-1]["usage"] == {"prompt_tokens": expected.prompt_tokens, "completion_tokens": len(expected.tokens)}
     assert json.loads(bodies["whole"])["text"] == expected.text  # the empty chunks before it add nothing
@@ -137,25 +143,35 @@ class Recording:
         self.backend = type("Backend", (), {"infer": staticmethod(recorded)})()
 
 
-def test_steps_run_ahead_on_the_model_thread(model):
+def test_steps_run_ahead_on_the_model_thread(model, prepared):
     """A lone stream's call returns the text of the step that ran since the last one and starts the next: an idle
-    worker's arrival gets its first step in its own call, an arrival beside a stream running ahead an empty first
-    reply; every forward runs on the one model thread."""
+    worker's arrival gets its first step in its own call, an arrival beside a stream running ahead joins the step
+    that starts (an empty first reply); with two sequences each call runs its step. The text is the same as alone,
+    and every forward runs on the one model thread."""
     recording = Recording(model)
     service = GenerateService(recording)
     body = {"prompt": "The quick brown fox", "max_new_tokens": 12, "stream": True}
+    headers = rest(body)[1]
     [first] = service.step([("a", *rest(body))])
     assert first.more and service.stepping is not None  # the next step is under way after the call returned
-    a_next, b_first = service.step([("a", {}, rest(body)[1]), ("b", *rest(body))])
+    a_next, b_first = service.step([("a", {}, headers), ("b", *rest(body))])
     assert b_first.more and json.loads(b_first.response.body) == {"text": ""}
     assert a_next.more and a_next.response.status == 200
-    assert service.stepping is None  # two sequences: an arrival must not wait for a step under way, none runs ahead
-    bodies, _ = run(service, {"a": rest(body), "b": rest(body)})
+    assert service.stepping is not None  # the step b joined: b does not wait a call with the model idle
+    service.step([("a", {}, headers), ("b", {}, headers)])
+    assert service.stepping is None  # two sequences: an arrival must not wait for a step under way
+    run(service, {"a": rest(body), "b": rest(body)})
     assert not service.running and service.stepping is None and len(service.batcher.free_slots) == 4
+    alone = {"prompt": "def f(a, b):", "max_new_tokens": 24, "stream": True}
+    bodies, replies = run(service, {"lone": rest(alone)})
+    expected = Engine(prepared.module, prepared.tokenizer, prepared.options).generate(
+        parse(alone, prepared.tokenizer, prepared.options))
+    pieces = json_pieces(bodies["lone"])
+    assert "".join(piece["text"] for piece in pieces) == expected.text and len(replies["lone"]) > 2
     assert recording.threads and {name.split("_")[0] for name in recording.threads} == {"aitune-model"}
 
 
-def test_a_step_that_fails_past_the_batcher_fails_its_requests_and_the_next_are_served(model, monkeypatch):
+def test_a_step_that_fails_unexpectedly_fails_its_requests_and_the_next_are_served(model, monkeypatch):
     service = GenerateService(model)
     body = {"prompt": "x", "max_new_tokens": 8, "stream": True}
     service.step([("a", *rest(body))])
@@ -203,6 +219,7 @@ def test_one_bad_request_fails_alone(model, prepared):
     assert replies[1].response.status == 400 and "roles must alternate" in json.loads(replies[1].response.body)[
         "error"]["message"]
     assert replies[0].more and replies[0].response.status == 200
+    service.stepping.result()  # the stream's next step, under way: done before the next test uses the model
 
 
 @pytest.mark.parametrize("path, body, status, message", [
