@@ -26,5 +26,8 @@ def test_staged_package_is_sources_only(tmp_path):
     assert [p.name for p in staged.iterdir()] == ["aitune_core"]
     files = {p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()}
     assert "aitune_core/wire/oip_grpc.py" in files and "aitune_core/serving.py" in files
-    assert "aitune_core/kernels/cpu_weight_only.cpp" in files  # the CPU kernels' source: a worker builds its own
-    assert not [f for f in files if "__pycache__" in f or not f.endswith((".py", ".cpp"))]
+    from aitune_core.kernels.build import HEADER, SOURCES
+
+    # the CPU kernels' sources: a worker builds its own
+    assert {f"aitune_core/kernels/{path.name}" for path in [*SOURCES, HEADER]} <= files
+    assert not [f for f in files if "__pycache__" in f or not f.endswith((".py", ".cpp", ".h"))]
