@@ -122,7 +122,7 @@ class GenerateService:
         self.model = model
         self.name = name or model.info.name
         codec = model.codec
-        # The batcher observes on the step thread too: what it reports waits here for the calls' thread, the one
+        # The batcher observes on the model thread too: what it reports waits here for the calls' thread, the one
         # TorchServe's metrics belong to.
         self.observed: list[tuple[str, float, dict[str, str]]] = []
         self.observe = observe or (lambda name, value, dimensions: None)

@@ -79,8 +79,9 @@ def _native_rows(x: torch.Tensor) -> bool:
     return limit > 0 and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] <= limit
 
 
-# The ops' schemas, their torch implementation for any device (and for CPU until the kernels are registered, on
-# the first product: kernel_max_rows) and their fake implementations for torch.compile and AOTInductor.
+# The ops' schemas, their torch implementation for any device (and for CPU until the kernels are registered: a
+# weight-only backend's deploy, or else the first call of an op, kernel_max_rows) and their fake implementations
+# for torch.compile and AOTInductor.
 _LIBRARY = torch.library.Library("aitune", "DEF")
 _LIBRARY.define("int8_weight_only_mm(Tensor x, Tensor weight, Tensor scale) -> Tensor")
 _LIBRARY.define("int4_weight_only_mm(Tensor x, Tensor packed, Tensor scale, Tensor offset, int group_size) -> Tensor")
@@ -110,8 +111,8 @@ def _attention_in_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 
 _LIBRARY.impl("int8_weight_only_mm", _int8_in_torch, "CompositeExplicitAutograd")
-_LIBRARY.impl("cached_attention", _attention_in_torch, "CompositeExplicitAutograd")
 _LIBRARY.impl("int4_weight_only_mm", _int4_in_torch, "CompositeExplicitAutograd")
+_LIBRARY.impl("cached_attention", _attention_in_torch, "CompositeExplicitAutograd")
 
 
 # Backward (the ops are for inference; this keeps a gradient through them right rather than silently absent):
