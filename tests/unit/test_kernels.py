@@ -21,8 +21,10 @@ def test_the_kernels_build_for_this_cpu():
     assert build.build_name() in build.describe()
 
 
-@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 8, 15, 16, 17, 40, 128, 129, 513])
-@pytest.mark.parametrize("in_features, out_features", [(40, 17), (100, 1), (4096 + 24, 33), (272, 203)])
+# Rows 5 / 6, 10 / 11: where AMX needs one more tile of activations; out_features 87: pairs of 16-row blocks and
+# one block left over, then 7 rows for the AVX-512 tiles.
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 6, 8, 10, 11, 15, 16, 17, 40, 128, 129, 513])
+@pytest.mark.parametrize("in_features, out_features", [(40, 17), (100, 1), (4096 + 24, 33), (272, 203), (192, 87)])
 def test_int8_equals_dequantize_then_matmul(rows, in_features, out_features):
     generator = torch.Generator().manual_seed(rows + in_features)
     weight, scale = quantize_int8(torch.randn(out_features, in_features, generator=generator))
