@@ -19,7 +19,7 @@ import torch
 from aitune_core.backend import Backend, BackendConfig
 from aitune_core.compilation import CompileSettings
 from aitune_core.graph_spec import GraphSpec, Sample
-from aitune_core.kernels.layers import FORMATS, swap_linears
+from aitune_core.kernels.layers import FORMATS, Int8Linear, swap_linears
 from aitune_core.kernels.ops import kernel_max_rows
 from aitune_core.kernels.quantize import INT4_GROUP_SIZES
 from aitune_core.modules import load_weights, module_on
@@ -87,7 +87,11 @@ class WeightOnlyBackend(Backend):
 
     def _build(self, module: torch.nn.Module, graph_spec: GraphSpec, data: list[Sample],
                device: torch.device, cache_dir: Path | None) -> None:
-        self._module = self._swap(module_on(module, device), quantize=True)
+        self._module = _amx_layout(self._swap(module_on(module, device), quantize=True))
+
+    def _deploy(self, device: torch.device) -> None:
+        super()._deploy(device)
+        _amx_layout(self._module)
 
     def deploy(self, device: torch.device | str | None) -> None:
         """As ``Backend.deploy``; on a CPU it also builds the kernels and registers them as the ops' CPU
@@ -110,3 +114,13 @@ class WeightOnlyBackend(Backend):
         backend._module = module
         backend._restore_common(state_dict)
         return backend
+
+
+def _amx_layout(module: torch.nn.Module) -> torch.nn.Module:
+    """The module's int8 layers in the AMX layout where this CPU runs AMX tiles (a compiled graph, or an AOTInductor
+    package built here, then holds them so; a package only loads on a CPU with the same features)."""
+    layers = [layer for layer in module.modules() if isinstance(layer, Int8Linear)]
+    packed = sum(layer.use_amx_layout() for layer in layers)
+    if packed:
+        logger.info("%d of %d int8 layers in the AMX layout", packed, len(layers))
+    return module

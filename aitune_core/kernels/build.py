@@ -1,12 +1,12 @@
 """The CPU weight-only kernels, compiled for the machine that runs them and cached.
 
-``native()`` compiles the C++ sources (``cpu_weight_only.cpp``: the products, ``cpu_attention.cpp``: attention
-over the KV cache, ``cpu_ops.cpp``: their registration) with gcc for this CPU (``-march=native``) the first time
-a process needs it, into torch's extensions folder (``TORCH_EXTENSIONS_DIR``, default
-``~/.cache/torch_extensions``), under a name made of the source's digest and the CPU's features: a
-worker on another CPU builds its own (~30 s, once), the same CPU loads the cached build in
-milliseconds. Where it cannot be built (no compiler, no ninja) ``native()`` is None, the reason is
-kept, and the ops fall back to a plain dequantize-then-matmul in torch (correct, slower); the worker's
+``native()`` compiles the C++ sources (``cpu_weight_only.cpp``: the products, ``cpu_amx_packed.cpp``: int8
+products of weights in the AMX layout, ``cpu_attention.cpp``: attention over the KV cache, ``cpu_ops.cpp``: their
+registration) with gcc for this CPU (``-march=native``) the first time a process needs it, into torch's
+extensions folder (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), under a name made of the
+source's digest and the CPU's features: a worker on another CPU builds its own (~30 s, once), the same CPU loads
+the cached build in milliseconds. Where it cannot be built (no compiler, no ninja) ``native()`` is None, the
+reason is kept, and the ops fall back to a plain dequantize-then-matmul in torch (correct, slower); the worker's
 ready line names which one runs.
 """
 
@@ -24,7 +24,7 @@ from types import ModuleType
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "cpu_weight_only.cpp", HERE / "cpu_attention.cpp", HERE / "cpu_ops.cpp"]
+SOURCES = [HERE / "cpu_weight_only.cpp", HERE / "cpu_attention.cpp", HERE / "cpu_amx_packed.cpp", HERE / "cpu_ops.cpp"]
 HEADER = HERE / "cpu_kernels.h"
 FLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP: ATen's parallel_for runs on torch's threads
 _failure: list[str] = []

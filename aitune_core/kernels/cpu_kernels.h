@@ -21,3 +21,6 @@ int64_t max_rows();
 // -> [B, L, H, D] (the query heads h*G .. h*G+G-1 share kv head h).
 torch::Tensor cached_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                                const torch::Tensor& slots, const torch::Tensor& positions);
+// x fp32 [M, K], weight int8 [N, K] in the AMX layout (ops.pack_int8_amx; K a multiple of 64, N of 16), scale fp32
+// [N] -> fp32 [M, N]. Needs AMX granted (tiles() starts with "AMX").
+torch::Tensor int8_amx_packed_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor scale);

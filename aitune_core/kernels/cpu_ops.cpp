@@ -1,4 +1,4 @@
-// The ops aitune::int8_weight_only_mm, int4_weight_only_mm and cached_attention for CPU tensors (ops.py defines
+// The ops aitune::int8_weight_only_mm, int8_amx_mm, int4_weight_only_mm and cached_attention for CPU tensors (ops.py defines
 // them, with a torch implementation for every device): registered here, calls from a compiled graph or an
 // AOTInductor package reach the kernels without Python. What a kernel does not take (rows past max_rows(),
 // another dtype) runs the same math in ATen, as ops.py does.
@@ -11,6 +11,16 @@ namespace {
 torch::Tensor int8_op(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale) {
   if (x.scalar_type() == at::kFloat && scale.scalar_type() == at::kFloat && x.dim() == 2 && x.size(0) <= max_rows())
     return int8_weight_only_mm(x, weight, scale);
+  return at::matmul(x, (weight.to(scale.scalar_type()) * scale.unsqueeze(1)).to(x.scalar_type()).t());
+}
+
+torch::Tensor int8_amx_op(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale) {
+  static const bool amx = tiles().rfind("AMX", 0) == 0;
+  if (amx && x.scalar_type() == at::kFloat && scale.scalar_type() == at::kFloat && x.dim() == 2 &&
+      x.size(0) <= max_rows())
+    return int8_amx_packed_mm(x, packed, scale);
+  const int64_t rows = packed.size(0), columns = packed.size(1);
+  const auto weight = packed.view({rows / 16, columns / 64, 16, 16, 4}).permute({0, 3, 1, 2, 4}).reshape({rows, columns});
   return at::matmul(x, (weight.to(scale.scalar_type()) * scale.unsqueeze(1)).to(x.scalar_type()).t());
 }
 
@@ -30,6 +40,7 @@ void register_cpu_kernels() {
   static torch::Library library(torch::Library::IMPL, "aitune", c10::DispatchKey::CPU, __FILE__, __LINE__);
   static const bool registered = [] {
     library.impl("int8_weight_only_mm", TORCH_FN(int8_op));
+    library.impl("int8_amx_mm", TORCH_FN(int8_amx_op));
     library.impl("int4_weight_only_mm", TORCH_FN(int4_op));
     library.impl("cached_attention", TORCH_FN(cached_attention));
     return true;
@@ -48,5 +59,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto release = py::call_guard<py::gil_scoped_release>();
   m.def("int8_weight_only_mm", &int8_weight_only_mm, release);
   m.def("int4_weight_only_mm", &int4_weight_only_mm, release);
+  m.def("int8_amx_packed_mm", &int8_amx_packed_mm, release);
   m.def("cached_attention", &cached_attention, release);
 }

@@ -8,6 +8,7 @@ Their state is plain tensors (int8 / uint8 weights, fp32 scales): a checkpoint o
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
@@ -36,12 +37,26 @@ class _WeightOnlyLinear(torch.nn.Module):
 
 
 class Int8Linear(_WeightOnlyLinear):
-    """``y = x W.T + b`` with ``W = weight (int8) * scale`` per output feature."""
+    """``y = x W.T + b`` with ``W = weight (int8) * scale`` per output feature.
+
+    ``use_amx_layout()`` reorders ``weight`` in place into the layout AMX takes (``ops.pack_int8_amx``), where
+    this CPU runs AMX tiles: its products then read each 16 x 64 weight tile as one contiguous 1 KB. Its
+    state_dict keeps the row layout either way, so a checkpoint does not depend on the CPU that wrote it."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias)
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(out_features))
+        self.amx_layout = False
+        self._register_state_dict_hook(_rows_in_state_dict)
+        self._register_load_state_dict_pre_hook(_amx_layout_on_load, with_module=True)
+
+    def use_amx_layout(self) -> bool:
+        """Reorder the weights for AMX where this CPU runs its tiles and the shape is whole tiles; whether it did."""
+        if not self.amx_layout and self.weight.device.type == "cpu" and ops.amx_layout_fits(*self.weight.shape):
+            self.weight = ops.pack_int8_amx(self.weight)
+            self.amx_layout = True
+        return self.amx_layout
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear) -> "Int8Linear":
@@ -52,7 +67,22 @@ class Int8Linear(_WeightOnlyLinear):
         return layer
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.amx_layout:
+            return ops.int8_amx_mm(x, self.weight, self.scale)
         return ops.int8_weight_only_mm(x, self.weight, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, amx_layout={self.amx_layout}"
+
+
+def _rows_in_state_dict(layer: Int8Linear, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    if layer.amx_layout and state.get(prefix + "weight") is not None:
+        state[prefix + "weight"] = ops.unpack_int8_amx(state[prefix + "weight"])
+
+
+def _amx_layout_on_load(layer: Int8Linear, state: dict[str, Any], prefix: str, *args: Any) -> None:
+    if layer.amx_layout and state.get(prefix + "weight") is not None:
+        state[prefix + "weight"] = ops.pack_int8_amx(state[prefix + "weight"])
 
 
 class Int4Linear(_WeightOnlyLinear):

@@ -1,5 +1,6 @@
 """The CPU kernels as torch custom ops: the weight-only products (``aitune::int8_weight_only_mm``,
-``aitune::int4_weight_only_mm``) and attention over a static KV cache (``aitune::cached_attention``).
+``aitune::int8_amx_mm`` for int8 weights in the AMX layout, ``aitune::int4_weight_only_mm``) and attention over a
+static KV cache (``aitune::cached_attention``).
 
 Custom ops with fake implementations, so that ``torch.compile`` and AOTInductor keep them as one call in the
 graph (an AOTInductor package calls them by name: importing this module registers them in a worker). Up to
@@ -35,6 +36,29 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
     blocks = packed.view(rows, -1, 16)
     q = torch.stack([blocks & 15, blocks >> 4], dim=2).view(rows, -1, group_size)
     return (q.to(scale.dtype) * scale[..., None] + offset[..., None]).view(rows, -1)
+
+
+def pack_int8_amx(weight: torch.Tensor) -> torch.Tensor:
+    """int8 ``[N, K]`` (N a multiple of 16, K of 64) in the order AMX takes its second operand: for each 16 outputs
+    and 64 inputs, 16 quads of 4 inputs, each quad's 16 outputs side by side (one contiguous 1 KB tile). Same
+    shape and bytes, another order."""
+    rows, columns = weight.shape
+    return (weight.reshape(rows // 16, 16, columns // 64, 16, 4).permute(0, 2, 3, 1, 4).contiguous()
+            .view(rows, columns))
+
+
+def unpack_int8_amx(packed: torch.Tensor) -> torch.Tensor:
+    """The row layout ``[N, K]`` of ``pack_int8_amx``'s result."""
+    rows, columns = packed.shape
+    return packed.view(rows // 16, columns // 64, 16, 16, 4).permute(0, 3, 1, 2, 4).reshape(rows, columns)
+
+
+def amx_layout_fits(out_features: int, in_features: int) -> bool:
+    """Whether a layer's int8 weights can take the AMX layout here: the kernels run AMX tiles on this CPU (built
+    with AMX and granted by the OS) and the shape is whole tiles."""
+    native = build.native()
+    return (out_features % 16 == 0 and in_features % 64 == 0 and native is not None
+            and native.tiles().startswith("AMX"))
 
 
 def gathered_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
@@ -85,6 +109,7 @@ def _native_rows(x: torch.Tensor) -> bool:
 _LIBRARY = torch.library.Library("aitune", "DEF")
 _LIBRARY.define("int8_weight_only_mm(Tensor x, Tensor weight, Tensor scale) -> Tensor")
 _LIBRARY.define("int4_weight_only_mm(Tensor x, Tensor packed, Tensor scale, Tensor offset, int group_size) -> Tensor")
+_LIBRARY.define("int8_amx_mm(Tensor x, Tensor packed, Tensor scale) -> Tensor")
 _LIBRARY.define("cached_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor positions) -> Tensor")
 
 
@@ -92,6 +117,12 @@ def _int8_in_torch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -
     if _native_rows(x):
         return build.native().int8_weight_only_mm(x, weight, scale)
     return x @ dequantize_int8(weight, scale).to(x.dtype).T
+
+
+def _int8_amx_in_torch(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    if _native_rows(x) and amx_layout_fits(*packed.shape):
+        return build.native().int8_amx_packed_mm(x, packed, scale)
+    return x @ dequantize_int8(unpack_int8_amx(packed), scale).to(x.dtype).T
 
 
 def _int4_in_torch(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
@@ -111,6 +142,7 @@ def _attention_in_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 
 _LIBRARY.impl("int8_weight_only_mm", _int8_in_torch, "CompositeExplicitAutograd")
+_LIBRARY.impl("int8_amx_mm", _int8_amx_in_torch, "CompositeExplicitAutograd")
 _LIBRARY.impl("int4_weight_only_mm", _int4_in_torch, "CompositeExplicitAutograd")
 _LIBRARY.impl("cached_attention", _attention_in_torch, "CompositeExplicitAutograd")
 
@@ -120,6 +152,11 @@ _LIBRARY.impl("cached_attention", _attention_in_torch, "CompositeExplicitAutogra
 def _int8_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     weight, scale = ctx.saved_tensors
     return grad @ dequantize_int8(weight, scale).to(grad.dtype), None, None
+
+
+def _int8_amx_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    packed, scale = ctx.saved_tensors
+    return grad @ dequantize_int8(unpack_int8_amx(packed), scale).to(grad.dtype), None, None
 
 
 def _int4_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -137,12 +174,18 @@ def _int4_save(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
 
 
 torch.library.register_autograd("aitune::int8_weight_only_mm", _int8_backward, setup_context=_int8_save)
+torch.library.register_autograd("aitune::int8_amx_mm", _int8_amx_backward, setup_context=_int8_save)
 torch.library.register_autograd("aitune::int4_weight_only_mm", _int4_backward, setup_context=_int4_save)
 
 
 @torch.library.register_fake("aitune::int8_weight_only_mm")
 def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.register_fake("aitune::int8_amx_mm")
+def _(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], packed.shape[0]))
 
 
 @torch.library.register_fake("aitune::int4_weight_only_mm")
@@ -160,6 +203,11 @@ def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torc
 def int8_weight_only_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x [M, K] @ (weight int8 [N, K] * scale [N]).T`` -> ``[M, N]`` in x's dtype."""
     return torch.ops.aitune.int8_weight_only_mm(x, weight, scale)
+
+
+def int8_amx_mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``int8_weight_only_mm`` of weights in the AMX layout (``pack_int8_amx``) -> ``[M, N]`` in x's dtype."""
+    return torch.ops.aitune.int8_amx_mm(x, packed, scale)
 
 
 def int4_weight_only_mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,

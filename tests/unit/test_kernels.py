@@ -98,6 +98,41 @@ def test_the_tiles_built_without_amx_equal_dequantize_then_matmul(avx512_kernels
                  x.double() @ ops.dequantize_int4(*int4, 64).double().T)
 
 
+AMX = build.native() is not None and build.native().tiles().startswith("AMX")
+
+
+@pytest.mark.parametrize("rows", [0, 1, 5, 6, 8, 11, 16, 17, 40, 513])
+@pytest.mark.parametrize("in_features, out_features", [(64, 16), (128, 48), (1024, 160), (4096, 32)])
+def test_int8_in_the_amx_layout_equals_dequantize_then_matmul(rows, in_features, out_features):
+    """513 rows: past the kernels' rows, the op unpacks the layout in torch."""
+    generator = torch.Generator().manual_seed(rows + in_features)
+    weight, scale = quantize_int8(torch.randn(out_features, in_features, generator=generator))
+    x = torch.randn(rows, in_features, generator=generator)
+    expected = x.double() @ ops.dequantize_int8(weight, scale).double().T
+    packed = ops.pack_int8_amx(weight)
+    assert torch.equal(ops.unpack_int8_amx(packed), weight)
+    assert close(ops.int8_amx_mm(x, packed, scale).double(), expected)
+    if rows > 1:  # a row with a NaN gives NaN outputs, the others theirs
+        x[1, 3] = float("nan")
+        out = ops.int8_amx_mm(x, packed, scale)
+        assert out[1].isnan().all() and close(out[[0]].double(), expected[[0]])
+
+
+def test_int8_layers_take_the_amx_layout_where_it_runs_and_keep_rows_in_their_state():
+    linear = torch.nn.Linear(128, 48)
+    rows, layer = Int8Linear.from_linear(linear), Int8Linear.from_linear(linear)
+    state = {key: value.clone() for key, value in layer.state_dict().items()}
+    assert layer.use_amx_layout() == AMX
+    assert not Int8Linear.from_linear(torch.nn.Linear(40, 17)).use_amx_layout()  # not whole tiles
+    x = torch.randn(3, 5, 128)
+    assert close(layer(x), rows(x)) and close(torch.compile(layer, fullgraph=True)(x), rows(x))
+    assert all(torch.equal(state[key], value) for key, value in layer.state_dict().items())
+    loaded = Int8Linear(128, 48)
+    loaded.use_amx_layout()
+    loaded.load_state_dict(state)
+    assert close(loaded(x), rows(x))
+
+
 def test_the_amx_products_keep_fp32_precision_with_an_outlier_input():
     """AMX sums int8 pieces of each activation row scaled by its largest value: an input 50x the others
     must not cost the rest their precision (error of the same order as an fp32 matmul's)."""

@@ -1,0 +1,146 @@
+// int8 weight-only products on AMX with the weights as the tile unit's second operand, packed as it wants them
+// (ops.pack_int8_amx: a layer's weights take this layout when it loads on a CPU with AMX), and each activation
+// row's three int8 pieces (as in cpu_weight_only.cpp: fp32's precision) as rows of the first operand. A
+// 16-output x 64-input weight tile is then one contiguous 1 KB read, a tile instruction costs by the pieces'
+// rows (3 a row, not 16 weight rows), and each row's outputs come out as rows of the sums (three multiply-adds,
+// no transpose). Layout of the packed weights: [N/16][K/64][16 quads][16 outputs][4 inputs].
+#include "cpu_kernels.h"
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <vector>
+
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512F__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+namespace {
+
+constexpr int kPieces = 3;
+constexpr float kPieceStep = 254.f;
+constexpr int kRowsPerGroup = 16;  // 48 pieces rows: three first-operand tiles (2, 3, 4), three sums (5, 6, 7)
+
+bool tiles_granted() {
+  static const bool granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return granted;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// x [M, K] -> pieces [3M, K] int8 (row 3m + p: piece p of row m) and mult[3m + p] = s_m / 254^p.
+void split(const float* x, int64_t M, int64_t K, std::vector<int8_t>& pieces, std::vector<float>& mult) {
+  pieces.resize(static_cast<size_t>(kPieces * M * K));
+  mult.resize(static_cast<size_t>(kPieces * M));
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * K;
+    __m512 amax = _mm512_setzero_ps();
+    __mmask16 not_finite = 0;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __m512 v = _mm512_abs_ps(_mm512_loadu_ps(row + k));
+      not_finite |= _mm512_cmp_ps_mask(v, _mm512_set1_ps(FLT_MAX), _CMP_NLE_UQ);
+      amax = _mm512_max_ps(amax, v);
+    }
+    const float top = _mm512_reduce_max_ps(amax);
+    const float s = not_finite ? NAN : top > 0.f ? std::max(top / 127.f, FLT_MIN) : 1.f;
+    const __m512 inverse = _mm512_set1_ps(not_finite ? 0.f : 1.f / s), step = _mm512_set1_ps(kPieceStep);
+    for (int p = 0; p < kPieces; ++p) mult[kPieces * m + p] = s / std::pow(kPieceStep, static_cast<float>(p));
+    for (int64_t k = 0; k < K; k += 16) {
+      __m512 rest = _mm512_mul_ps(_mm512_loadu_ps(row + k), inverse);
+      for (int p = 0; p < kPieces; ++p) {
+        const __m512 whole = _mm512_roundscale_ps(rest, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        rest = _mm512_mul_ps(_mm512_sub_ps(rest, whole), step);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(pieces.data() + (kPieces * m + p) * K + k),
+                         _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(whole)));
+      }
+    }
+  }
+}
+
+// Rows m0 .. m0 + rows (<= 16) against output blocks b0 .. b1.
+template <int T>
+void group_blocks(const int8_t* pieces, const float* mult, int64_t m0, int64_t rows, int64_t K, const int8_t* packed,
+                  const float* scale, float* out, int64_t N, int64_t b0, int64_t b1) {
+  alignas(64) int32_t sums[3][256];
+  const int8_t* a = pieces + kPieces * m0 * K;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int8_t* w = packed + b * 16 * K;
+    _tile_zero(5);
+    if constexpr (T > 1) _tile_zero(6);
+    if constexpr (T > 2) _tile_zero(7);
+    for (int64_t k = 0; k < K; k += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + k * 16 + 4096), _MM_HINT_T0);
+      _tile_loadd(0, w + k * 16, 64);
+      _tile_loadd(2, a + k, K);
+      _tile_dpbssd(5, 2, 0);
+      if constexpr (T > 1) { _tile_loadd(3, a + 16 * K + k, K); _tile_dpbssd(6, 3, 0); }
+      if constexpr (T > 2) { _tile_loadd(4, a + 32 * K + k, K); _tile_dpbssd(7, 4, 0); }
+    }
+    _tile_stored(5, sums[0], 64);
+    if constexpr (T > 1) _tile_stored(6, sums[1], 64);
+    if constexpr (T > 2) _tile_stored(7, sums[2], 64);
+    const __m512 s = _mm512_loadu_ps(scale + b * 16);
+    for (int64_t r = 0; r < rows; ++r) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int p = 0; p < kPieces; ++p) {
+        const int64_t i = kPieces * r + p;
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(mult[kPieces * (m0 + r) + p]),
+                              _mm512_cvtepi32_ps(_mm512_load_si512(sums[i / 16] + (i % 16) * 16)), acc);
+      }
+      _mm512_storeu_ps(out + (m0 + r) * N + b * 16, _mm512_mul_ps(acc, s));
+    }
+  }
+}
+
+}  // namespace
+
+torch::Tensor int8_amx_packed_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor scale) {
+  TORCH_CHECK(tiles_granted(), "int8_amx_packed_mm: the OS did not grant AMX's tile state");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) % 64 == 0,
+              "int8_amx_packed_mm: x must be fp32 [M, K] with K a multiple of 64");
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kChar && packed.size(1) == x.size(1) &&
+                  packed.size(0) % 16 == 0,
+              "int8_amx_packed_mm: packed must be int8 [N, K] (ops.pack_int8_amx) with x's K");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == packed.size(0), "scale must be fp32 [N]");
+  x = x.contiguous(), packed = packed.contiguous(), scale = scale.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
+  auto out = torch::empty({M, N}, x.options());
+  if (M == 0) return out;
+  thread_local std::vector<int8_t> pieces;
+  thread_local std::vector<float> mult;
+  split(x.data_ptr<float>(), M, K, pieces, mult);
+  const int8_t* pp = pieces.data();
+  const float* mp = mult.data();
+  const int8_t* wp = packed.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N / 16, 6, [&](int64_t b0, int64_t b1) {
+    for (int64_t m0 = 0; m0 < M; m0 += kRowsPerGroup) {
+      const int64_t rows = std::min<int64_t>(kRowsPerGroup, M - m0), piece_rows = kPieces * rows;
+      const int T = static_cast<int>((piece_rows + 15) / 16);
+      TileConfig config;
+      config.colsb[0] = 64, config.rows[0] = 16;  // weights: 16 quads x 16 outputs x 4
+      for (int g = 0; g < T; ++g) {
+        const int r = static_cast<int>(std::min<int64_t>(16, piece_rows - 16 * g));
+        config.colsb[2 + g] = 64, config.rows[2 + g] = r;  // pieces: r rows x 64 inputs
+        config.colsb[5 + g] = 64, config.rows[5 + g] = r;  // sums: r rows x 16 outputs
+      }
+      _tile_loadconfig(&config);
+      if (T == 1) group_blocks<1>(pp, mp, m0, rows, K, wp, sp, op, N, b0, b1);
+      else if (T == 2) group_blocks<2>(pp, mp, m0, rows, K, wp, sp, op, N, b0, b1);
+      else group_blocks<3>(pp, mp, m0, rows, K, wp, sp, op, N, b0, b1);
+      _tile_release();
+    }
+  });
+  return out;
+}
+#else
+torch::Tensor int8_amx_packed_mm(torch::Tensor, torch::Tensor, torch::Tensor) { TORCH_CHECK(false, "built without AMX"); }
+#endif
