@@ -23,6 +23,7 @@ namespace {
 constexpr int kPieces = 3;
 constexpr float kPieceStep = 254.f;
 constexpr int kRowsPerGroup = 16;  // 48 pieces rows: three first-operand tiles (2, 3, 4), three sums (5, 6, 7)
+constexpr int64_t kBlocksAtATime = 4;  // 64 outputs x K inputs of weights
 
 bool tiles_granted() {
   static const bool granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
@@ -121,23 +122,27 @@ torch::Tensor int8_amx_packed_mm(torch::Tensor x, torch::Tensor packed, torch::T
   const int8_t* wp = packed.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, N / 16, 6, [&](int64_t b0, int64_t b1) {
-    for (int64_t m0 = 0; m0 < M; m0 += kRowsPerGroup) {
-      const int64_t rows = std::min<int64_t>(kRowsPerGroup, M - m0), piece_rows = kPieces * rows;
-      const int T = static_cast<int>((piece_rows + 15) / 16);
-      TileConfig config;
-      config.colsb[0] = 64, config.rows[0] = 16;  // weights: 16 quads x 16 outputs x 4
-      for (int g = 0; g < T; ++g) {
-        const int r = static_cast<int>(std::min<int64_t>(16, piece_rows - 16 * g));
-        config.colsb[2 + g] = 64, config.rows[2 + g] = r;  // pieces: r rows x 64 inputs
-        config.colsb[5 + g] = 64, config.rows[5 + g] = r;  // sums: r rows x 16 outputs
+  at::parallel_for(0, N / 16, 6, [&](int64_t first, int64_t last) {
+    // A few blocks at a time under every group of rows: the blocks' weights stay in L2 while the groups read them.
+    for (int64_t b0 = first; b0 < last; b0 += kBlocksAtATime) {
+      const int64_t b1 = std::min(b0 + kBlocksAtATime, last);
+      for (int64_t m0 = 0; m0 < M; m0 += kRowsPerGroup) {
+        const int64_t rows = std::min<int64_t>(kRowsPerGroup, M - m0), piece_rows = kPieces * rows;
+        const int T = static_cast<int>((piece_rows + 15) / 16);
+        TileConfig config;
+        config.colsb[0] = 64, config.rows[0] = 16;  // weights: 16 quads x 16 outputs x 4
+        for (int g = 0; g < T; ++g) {
+          const int r = static_cast<int>(std::min<int64_t>(16, piece_rows - 16 * g));
+          config.colsb[2 + g] = 64, config.rows[2 + g] = r;  // pieces: r rows x 64 inputs
+          config.colsb[5 + g] = 64, config.rows[5 + g] = r;  // sums: r rows x 16 outputs
+        }
+        _tile_loadconfig(&config);
+        if (T == 1) group_blocks<1>(pp, mp, m0, rows, K, wp, sp, op, N, b0, b1);
+        else if (T == 2) group_blocks<2>(pp, mp, m0, rows, K, wp, sp, op, N, b0, b1);
+        else group_blocks<3>(pp, mp, m0, rows, K, wp, sp, op, N, b0, b1);
       }
-      _tile_loadconfig(&config);
-      if (T == 1) group_blocks<1>(pp, mp, m0, rows, K, wp, sp, op, N, b0, b1);
-      else if (T == 2) group_blocks<2>(pp, mp, m0, rows, K, wp, sp, op, N, b0, b1);
-      else group_blocks<3>(pp, mp, m0, rows, K, wp, sp, op, N, b0, b1);
-      _tile_release();
     }
+    _tile_release();
   });
   return out;
 }
