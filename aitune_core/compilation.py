@@ -71,7 +71,8 @@ class CompiledModule:
         if settings.ahead_of_time:
             try:
                 compiled.package = compile_package(module, graph_spec, sample, device, settings.inductor_options())
-                compiled.load(device)
+                if not compiled.load(device):  # e.g. no room left to unpack it: nothing to check or ship
+                    raise AOTCompileError(f"the package just compiled does not load ({compiled.note})")
                 compiled._check_a_batch_of_one(sample)
             except AOTCompileError as error:
                 compiled.package, compiled._runner = None, None

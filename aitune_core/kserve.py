@@ -96,6 +96,10 @@ def config_properties(models: list[tuple[str, str, dict[str, Any]]], gpus: int) 
         "metrics_mode=prometheus",
         "model_metrics_auto_detect=true",
         f"number_of_gpu={gpus}",
+        *([] if gpus else [
+            "# A CPU pod: the frontend's Java compiled by C1 only, so C2's compiles do not land inside the model's",
+            "# steps when its threads take every core (docs/benchmarks.md, \"Stalls\").",
+            "vmargs=-XX:+ExitOnOutOfMemoryError -XX:TieredStopAtLevel=1"]),
         f"model_store={MOUNT}/{MODEL_STORE}",
         "load_models=all",
         f"model_snapshot={json.dumps(snapshot, separators=(',', ':'))}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import sys
@@ -78,6 +79,19 @@ def load_model(model_dir: Path | str, device: torch.device, version: str = "1.0"
     codec = make_codec(manifest.get("request"), model_dir, backend.graph_spec)
     return LoadedModel(backend=backend, manifest=manifest, codec=codec,
                        info=ModelInfo(manifest["model_name"], version), notes=notes)
+
+
+def settle_heap() -> int:
+    """Collect, then put every object alive now out of the cyclic garbage collector's reach; how many that was.
+
+    For a worker that has loaded its model: torch, transformers and the model leave ~350k objects that a
+    full collection walks every time (measured: 108-116 ms for a 254M decoder's worker on 2 cores), and one
+    comes every few hundred requests or decode steps, stalling every stream in the step it lands in (the
+    p99 between tokens at 8 streams was such a stall). Objects made later are collected as before.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def empty_module(model: dict[str, Any], model_dir: Path) -> torch.nn.Module:

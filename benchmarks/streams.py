@@ -117,7 +117,8 @@ def main() -> None:
 
 def measure(report: Report, server: TorchServe, rounds: int, new: int) -> dict[str, Any]:
     body = {"prompt": PROMPT, "max_new_tokens": new}
-    stream(server, "llm", body)  # warm
+    stream(server, "llm", body)  # warm: one stream, then a round of 8 (the frontend's paths for 8 streams)
+    together(server, "llm", [body] * STREAMS)
     alone = [stream(server, "llm", body) for _ in range(2 * rounds)]
     # Alternate halves: the second is the first's copy, the noise floor of a one-stream rate.
     first, second = alone[0::2], alone[1::2]

@@ -30,7 +30,7 @@ from aitune_core.errors import AITuneError  # noqa: E402
 from aitune_core.generate.batcher import METRICS  # noqa: E402
 from aitune_core.generate.codec import GenerateCodec  # noqa: E402
 from aitune_core.generate.service import GenerateService, is_continuous  # noqa: E402
-from aitune_core.serving import answer_batch, batch_failure, load_model, serving_device  # noqa: E402
+from aitune_core.serving import answer_batch, batch_failure, load_model, serving_device, settle_heap  # noqa: E402
 from aitune_core.worker_threads import set_worker_threads, threads_from_config  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,8 @@ class AITuneHandler(BaseHandler):
         self.batching = (properties.get("batch_size") or 1) > 1 and self.service is None
         self.initialized = True
         batching = [f"continuous batching of up to {self.model.codec.options.max_batch} sequences"] if self.service else []
-        notes = "".join(f"; {note}" for note in [threads, *batching, *self.model.notes])
+        settled = f"gc.freeze: {settle_heap()} objects out of full collections"  # serving.settle_heap says why
+        notes = "".join(f"; {note}" for note in [threads, *batching, *self.model.notes, settled])
         logger.info("AITune: model %s ready: %s on %s in %.0f ms%s; aitune_core from %s", context.model_name,
                     self.model.backend.describe(), device, (time.perf_counter() - started) * 1000, notes,
                     os.path.dirname(aitune_core.__file__))

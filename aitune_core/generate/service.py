@@ -8,13 +8,15 @@ A request the frontend no longer sends lost its client (the frontend drops a job
 frees its sequence. A worker that dies fails every request it held (the frontend answers them), and the rest
 wait in the frontend's job queue (``jobQueueSize``; full: 503).
 
-The model runs on a thread of its own, and a lone stream's steps run one call ahead: a call collects the step
-that ran since the last one (its text is this call's replies), joins the arrivals and drops the clients gone
-(``Batcher.join``), starts the next step (``Batcher.advance``) and returns at once. So the model computes while
-TorchServe carries the replies out and brings the next call in (a round trip of ~2 ms a call on 2 cores, against
-a ~8 ms step). A call that finds no step run since the last one (more sequences than ``RUN_AHEAD_LIVE``, or an
-idle worker's arrivals) runs its step before it answers. An arrival beside a stream that runs ahead joins the
-step that starts, so its first reply is empty; a client that went away had one step computed for nothing.
+The model runs on a thread of its own, and a lone stream's steps run ahead of the calls: a call collects the
+steps that ran since the last one (their text is this call's replies), joins the arrivals and drops the clients
+gone (``Batcher.join``), starts the next steps (``Batcher.advance``, again and again until the next call comes,
+at most ``RUN_AHEAD_STEPS``) and returns at once. So the model computes while TorchServe carries the replies out
+and brings the next call in, and never waits for it: where the round trip is slower than a step (on 2 cores
+the frontend waits for CPU behind the step), a call carries the text of two steps or more. A call that finds no
+step run since the last one (more sequences than ``RUN_AHEAD_LIVE``, or an idle worker's arrivals) runs its step
+before it answers. An arrival beside a stream that runs ahead joins the step that starts, so its first reply is
+empty; a client that went away had the steps ahead computed for nothing.
 
 A request keeps its protocol: TorchServe's JSON, OpenAI's API (by its URL, ``wire/openai``). A request that
 is not streamed gets empty chunks until its answer. A gRPC call is run to its end alone in its step and
@@ -28,6 +30,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import threading
 from typing import Any
 
 from aitune_core.codecs import Outcome
@@ -42,6 +45,9 @@ logger = logging.getLogger(__name__)
 # trip on each token (~2 ms on an ~8 ms step), and an arrival waits for the step under way before it joins, which
 # with more sequences is a longer step (measured, 7 streams: first token 1.8x -> 2.8x idle plus one step).
 RUN_AHEAD_LIVE = 1
+# A lone stream's steps run at most this many ahead of the call that collects them: its text waits no longer
+# than that in the worker, and a client gone costs no more.
+RUN_AHEAD_STEPS = 8
 
 
 @dataclasses.dataclass
@@ -105,6 +111,11 @@ class Running:
         return Reply(Response(200, "".join(events), openai.SSE_CONTENT_TYPE))
 
 
+def merged(first: Progress, then: Progress) -> Progress:
+    """What a request did in two turns, one after the other."""
+    return Progress(first.text + then.text, then.generation, then.error)
+
+
 def _failure(error: BaseException) -> tuple[int, str]:
     if isinstance(error, BusyError):
         return 503, str(error)
@@ -130,6 +141,7 @@ class GenerateService:
                                lambda *observation: self.observed.append(observation))
         self.running: dict[str, Running] = {}
         self.stepping: concurrent.futures.Future | None = None
+        self.call_waiting = threading.Event()  # set by a call: the steps running ahead stop at the next one
         # Every step runs on this one thread; so should everything else that runs the model (the handler loads it
         # there): torch's OpenMP keeps a team of threads for each thread that runs it, and with more threads than
         # cores it stops spinning between parallel regions (measured: a 254M decode step 8 -> 24 ms once a
@@ -140,6 +152,7 @@ class GenerateService:
         """``(request id, parameters, headers)`` of every request of the call (a running one has no parameters)
         -> each one's reply, in order."""
         ran_ahead = self.stepping is not None
+        self.call_waiting.set()
         stepped = self._collect(self.stepping) if ran_ahead else None
         replies: dict[str, Reply] = {}
         arrivals, continuing, alone = {}, [], {}
@@ -176,9 +189,21 @@ class GenerateService:
         # this call joined (else they would wait a call for a step with the model idle).
         if self.batcher.live and (len(self.batcher.live) <= RUN_AHEAD_LIVE or (
                 ran_ahead and live_before <= RUN_AHEAD_LIVE)):
-            self.stepping = self.model_thread.submit(self.batcher.advance)
+            self.call_waiting.clear()
+            self.stepping = self.model_thread.submit(self._run_ahead)
         self._report()
         return [replies[request_id] for request_id, _, _ in requests]
+
+    def _run_ahead(self) -> dict[str, Progress]:
+        """On the model thread: a step, then more while a lone stream decodes and no call has come (at most
+        ``RUN_AHEAD_STEPS``); what each request did in them all."""
+        done = self.batcher.advance()
+        for _ in range(RUN_AHEAD_STEPS - 1):
+            if self.call_waiting.is_set() or not 0 < len(self.batcher.live) <= RUN_AHEAD_LIVE:
+                break
+            for key, progress in self.batcher.advance().items():
+                done[key] = merged(done[key], progress) if key in done else progress
+        return done
 
     def _collect(self, stepping: concurrent.futures.Future) -> dict[str, Progress]:
         """What the step ``stepping`` did, once it is done (a step that fails fails its own requests)."""

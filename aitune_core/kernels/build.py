@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / "cpu_weight_only.cpp", HERE / "cpu_attention.cpp", HERE / "cpu_amx_packed.cpp", HERE / "cpu_ops.cpp"]
-HEADER = HERE / "cpu_kernels.h"
+HEADERS = [HERE / "cpu_kernels.h", HERE / "cpu_amx.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP: ATen's parallel_for runs on torch's threads
 _failure: list[str] = []
 
@@ -37,7 +37,7 @@ def build_name(flags: list[str] = FLAGS) -> str:
     from aitune_core.precision import cpu_features
 
     features = json.dumps(cpu_features(), sort_keys=True, default=str)
-    code = b"".join(path.read_bytes() for path in [*SOURCES, HEADER])
+    code = b"".join(path.read_bytes() for path in [*SOURCES, *HEADERS])
     digest = hashlib.sha256(code + " ".join(flags).encode() + features.encode()
                             + torch.__version__.encode()).hexdigest()[:16]
     return f"aitune_weight_only_{digest}"

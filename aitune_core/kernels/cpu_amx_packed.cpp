@@ -4,62 +4,34 @@
 // 16-output x 64-input weight tile is then one contiguous 1 KB read, a tile instruction costs by the pieces'
 // rows (3 a row, not 16 weight rows), and each row's outputs come out as rows of the sums (three multiply-adds,
 // no transpose). Layout of the packed weights: [N/16][K/64][16 quads][16 outputs][4 inputs].
+#include "cpu_amx.h"
 #include "cpu_kernels.h"
 
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
-#include <algorithm>
-#include <cfloat>
-#include <cmath>
 #include <vector>
 
-#if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512F__)
-#include <sys/syscall.h>
-#include <unistd.h>
-
+#if defined(AITUNE_AMX)
 namespace {
 
-constexpr int kPieces = 3;
-constexpr float kPieceStep = 254.f;
+using aitune_amx::kPieces;
 constexpr int kRowsPerGroup = 16;  // 48 pieces rows: three first-operand tiles (2, 3, 4), three sums (5, 6, 7)
 constexpr int64_t kBlocksAtATime = 4;  // 64 outputs x K inputs of weights
 
-bool tiles_granted() {
-  static const bool granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-  return granted;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// x [M, K] -> pieces [3M, K] int8 (row 3m + p: piece p of row m) and mult[3m + p] = s_m / 254^p.
+// x [M, K] -> pieces [3M, K] int8 (row 3m + p: piece p of row m) and mult[3m + p], the weight of that piece.
 void split(const float* x, int64_t M, int64_t K, std::vector<int8_t>& pieces, std::vector<float>& mult) {
   pieces.resize(static_cast<size_t>(kPieces * M * K));
   mult.resize(static_cast<size_t>(kPieces * M));
   for (int64_t m = 0; m < M; ++m) {
     const float* row = x + m * K;
-    __m512 amax = _mm512_setzero_ps();
-    __mmask16 not_finite = 0;
+    const float s = aitune_amx::row_scale(row, K);
+    const __m512 inverse = _mm512_set1_ps(1.f / s);
+    for (int p = 0; p < kPieces; ++p) mult[kPieces * m + p] = aitune_amx::piece_weight(s, p);
     for (int64_t k = 0; k < K; k += 16) {
-      const __m512 v = _mm512_abs_ps(_mm512_loadu_ps(row + k));
-      not_finite |= _mm512_cmp_ps_mask(v, _mm512_set1_ps(FLT_MAX), _CMP_NLE_UQ);
-      amax = _mm512_max_ps(amax, v);
-    }
-    const float top = _mm512_reduce_max_ps(amax);
-    const float s = not_finite ? NAN : top > 0.f ? std::max(top / 127.f, FLT_MIN) : 1.f;
-    const __m512 inverse = _mm512_set1_ps(not_finite ? 0.f : 1.f / s), step = _mm512_set1_ps(kPieceStep);
-    for (int p = 0; p < kPieces; ++p) mult[kPieces * m + p] = s / std::pow(kPieceStep, static_cast<float>(p));
-    for (int64_t k = 0; k < K; k += 16) {
-      __m512 rest = _mm512_mul_ps(_mm512_loadu_ps(row + k), inverse);
+      __m128i piece[kPieces];
+      aitune_amx::split16(_mm512_mul_ps(_mm512_loadu_ps(row + k), inverse), piece);
       for (int p = 0; p < kPieces; ++p) {
-        const __m512 whole = _mm512_roundscale_ps(rest, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        rest = _mm512_mul_ps(_mm512_sub_ps(rest, whole), step);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(pieces.data() + (kPieces * m + p) * K + k),
-                         _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(whole)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(pieces.data() + (kPieces * m + p) * K + k), piece[p]);
       }
     }
   }
@@ -103,7 +75,7 @@ void group_blocks(const int8_t* pieces, const float* mult, int64_t m0, int64_t r
 }  // namespace
 
 torch::Tensor int8_amx_packed_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor scale) {
-  TORCH_CHECK(tiles_granted(), "int8_amx_packed_mm: the OS did not grant AMX's tile state");
+  TORCH_CHECK(aitune_amx::usable(), "int8_amx_packed_mm: the OS did not grant AMX's tile state");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) % 64 == 0,
               "int8_amx_packed_mm: x must be fp32 [M, K] with K a multiple of 64");
   TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kChar && packed.size(1) == x.size(1) &&
@@ -129,12 +101,12 @@ torch::Tensor int8_amx_packed_mm(torch::Tensor x, torch::Tensor packed, torch::T
       for (int64_t m0 = 0; m0 < M; m0 += kRowsPerGroup) {
         const int64_t rows = std::min<int64_t>(kRowsPerGroup, M - m0), piece_rows = kPieces * rows;
         const int T = static_cast<int>((piece_rows + 15) / 16);
-        TileConfig config;
-        config.colsb[0] = 64, config.rows[0] = 16;  // weights: 16 quads x 16 outputs x 4
+        aitune_amx::TileConfig config;
+        config.set(0, 16, 64);  // weights: 16 quads x 16 outputs x 4
         for (int g = 0; g < T; ++g) {
           const int r = static_cast<int>(std::min<int64_t>(16, piece_rows - 16 * g));
-          config.colsb[2 + g] = 64, config.rows[2 + g] = r;  // pieces: r rows x 64 inputs
-          config.colsb[5 + g] = 64, config.rows[5 + g] = r;  // sums: r rows x 16 outputs
+          config.set(2 + g, r, 64);  // pieces: r rows x 64 inputs
+          config.set(5 + g, r, 64);  // sums: r rows x 16 outputs
         }
         _tile_loadconfig(&config);
         if (T == 1) group_blocks<1>(pp, mp, m0, rows, K, wp, sp, op, N, b0, b1);

@@ -8,6 +8,7 @@
 //   rows x NB weight rows, each weight vector converted to fp32 once for R rows, each activation vector loaded
 //   once for NB weight rows, the R x NB sums in registers across K: AVX-512 intrinsics, or without AVX-512,
 //   a chunk of weights converted once and the dot products left to the compiler.
+#include "cpu_amx.h"
 #include "cpu_kernels.h"
 
 #include <torch/extension.h>
@@ -192,44 +193,29 @@ inline void over_rows(int64_t M, int64_t n0, int64_t n1, RowsTile rows_tile) {
 }
 
 
-#if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512F__)
+#if defined(AITUNE_AMX)
 // AMX: the tile unit multiplies int8 by int8 into int32 sums, 1,024 products an instruction. The weights
 // are its first operand as they lie (16 weight rows x 64 inputs, row stride K: no repacking, the same
-// checkpoint); the activations its second: each row split in kPieces int8 pieces,
-// x = s * (a0 + a1 / 254 + a2 / 254^2) with s = max|x| / 127, so the sums keep fp32's precision (the pieces
-// hold x to ~6e-8 of max|x|, and int32 sums are exact). A piece of a row is a column ("v-column") of the
+// checkpoint); the activations its second: each row split in kPieces int8 pieces (cpu_amx.h), fp32's
+// precision. A piece of a row is a column ("v-column") of the
 // second operand, laid out as AMX wants (4 consecutive inputs of a column together); a tile of 16 v-columns
 // holds 5 rows (15 columns, the 16th unused). One instruction then serves 5 rows, and a pass of up to 6
 // such tiles reads the weights' 16 x 64 bytes once for 30 rows.
-#include <sys/syscall.h>
-#include <unistd.h>
-#define AITUNE_AMX 1
-constexpr int kPieces = 3;
+using aitune_amx::kPieces;
+using aitune_amx::TileConfig;
 constexpr int kRowsPerTile = 16 / kPieces;
-constexpr float kPieceStep = 254.f;
 constexpr int64_t kAmxK = 64;      // inputs a tile instruction takes
 constexpr int64_t kAmxMaxK = 131072;  // int32 sums of 127 * 128 products stay exact up to 2^31 / 16256 inputs
 constexpr int kInt8PassTiles = 6;  // v-column tiles a pass keeps: 6 sums + the weights + the activations = 8 tiles
 constexpr int kInt4PassTiles = 3;  // int4: two sets of 3 sums (see int4's block) + weights + activations
 constexpr int64_t kInt4AmxMinRows = 8;  // fewer rows: the AVX-512 tiles are faster (measured, int4 only)
 
-// Linux hands a process AMX's tile state only when asked (arch_prctl), once, for all its threads.
-bool amx_usable() {
-  static const bool usable = [] {
-    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return usable;
+// The tiles as int8 and int4 start from: 16 rows x 64 bytes each.
+inline TileConfig full_tiles() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) config.set(t, 16, 64);
+  return config;
 }
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-  TileConfig() {
-    for (int t = 0; t < 8; ++t) colsb[t] = 64, rows[t] = 16;
-  }
-};
 
 // The activations as AMX's second operand: tile g, input quad q, column c: 4 int8 at ((g * quads + q) * 16 + c) * 4;
 // and each column's weight (s / 254^piece) in mult[g * 16 + c]. Inputs from K_tiles on are not split (int8 sums
@@ -249,37 +235,21 @@ inline const Pieces& split_rows(const float* x, int64_t M, int64_t K, int64_t K_
   if (p.mult.size() < static_cast<size_t>(p.tiles * 16)) p.mult.resize(p.tiles * 16);
   for (int64_t m = 0; m < M; ++m) {
     const float* row = x + m * K;
-    __m512 amax = _mm512_setzero_ps();
-    __mmask16 not_finite = 0;
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-      const __m512 v = _mm512_abs_ps(_mm512_loadu_ps(row + k));
-      not_finite |= _mm512_cmp_ps_mask(v, _mm512_set1_ps(FLT_MAX), _CMP_NLE_UQ);  // inf or NaN
-      amax = _mm512_max_ps(amax, v);
-    }
-    float top = _mm512_reduce_max_ps(amax);
-    for (; k < K; ++k) {
-      not_finite |= !std::isfinite(row[k]);
-      top = std::max(top, std::abs(row[k]));
-    }
-    // A row with an inf or a NaN gives NaN sums (as fp32 would give inf or NaN: not a finite guess); a row of
-    // tiny values keeps 1 / s finite.
-    const float s = not_finite ? NAN : top > 0.f ? std::max(top / 127.f, FLT_MIN) : 1.f;
-    const __m512 inverse = _mm512_set1_ps(1.f / s), step = _mm512_set1_ps(kPieceStep);
+    const float s = aitune_amx::row_scale(row, K);
+    const __m512 inverse = _mm512_set1_ps(1.f / s);
     const int64_t tile = m / kRowsPerTile;
     int32_t* column_at[kPieces];
     for (int piece = 0; piece < kPieces; ++piece) {
       const int64_t c = (m % kRowsPerTile) * kPieces + piece;
-      p.mult[tile * 16 + c] = s / std::pow(kPieceStep, static_cast<float>(piece));
+      p.mult[tile * 16 + c] = aitune_amx::piece_weight(s, piece);
       column_at[piece] = reinterpret_cast<int32_t*>(p.bytes.data() + (tile * p.quads * 16 + c) * 4);
     }
-    for (k = 0; k < K_tiles; k += 16) {
-      __m512 rest = _mm512_mul_ps(_mm512_loadu_ps(row + k), inverse);
+    for (int64_t k = 0; k < K_tiles; k += 16) {
+      __m128i pieces[kPieces];
+      aitune_amx::split16(_mm512_mul_ps(_mm512_loadu_ps(row + k), inverse), pieces);
       for (int piece = 0; piece < kPieces; ++piece) {
-        const __m512 whole = _mm512_roundscale_ps(rest, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        rest = _mm512_mul_ps(_mm512_sub_ps(rest, whole), step);
         alignas(16) int32_t quads[4];
-        _mm_store_si128(reinterpret_cast<__m128i*>(quads), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(whole)));
+        _mm_store_si128(reinterpret_cast<__m128i*>(quads), pieces[piece]);
         for (int i = 0; i < 4; ++i) column_at[piece][(k / 4 + i) * 16] = quads[i];
       }
     }
@@ -364,7 +334,7 @@ inline void int8_block(const int8_t* w, int64_t ldw, int64_t K_tiles, const int8
 inline void int8_amx(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, float* out,
                      int64_t N, int64_t n0, int64_t n1, const Pieces& p) {
   const int64_t K_tiles = K / kAmxK * kAmxK, tile_bytes = p.quads * 64;
-  TileConfig config;
+  TileConfig config = full_tiles();
   _tile_loadconfig(&config);
   alignas(64) int32_t sums[2][kInt8PassTiles * 256];
   struct Pass { int64_t n, t0; int tiles; };
@@ -467,7 +437,7 @@ inline void int4_amx(const float* offset_sums, int64_t M, int64_t K, int64_t gro
                      const float* scale, float* out, int64_t N, int64_t n0, int64_t n1,
                      const Pieces& p) {
   const int64_t groups_k = K / group_size, step = std::min<int64_t>(group_size, kAmxK), tile_bytes = p.quads * 64;
-  TileConfig config;
+  TileConfig config = full_tiles();
   config.colsb[0] = static_cast<uint16_t>(step);  // 16 weight rows x step inputs
   config.rows[1] = static_cast<uint8_t>(step / 4);  // step / 4 input quads x 16 v-columns
   _tile_loadconfig(&config);
@@ -509,7 +479,7 @@ torch::Tensor int8_weight_only_mm(torch::Tensor x, torch::Tensor weight, torch::
   float* op = out.data_ptr<float>();
   int64_t n_amx = 0;
 #if defined(AITUNE_AMX)
-  if (M > 0 && K >= kAmxK && K <= kAmxMaxK && N >= 16 && amx_usable()) {
+  if (M > 0 && K >= kAmxK && K <= kAmxMaxK && N >= 16 && aitune_amx::usable()) {
     n_amx = N / 16 * 16;
     const Pieces& pieces = split_rows(xp, M, K, K / kAmxK * kAmxK);
     at::parallel_for(0, n_amx / 16, kGrain / 16, [&](int64_t b0, int64_t b1) {
@@ -548,7 +518,7 @@ torch::Tensor int4_weight_only_mm(torch::Tensor x, torch::Tensor packed, torch::
 #if defined(AITUNE_AMX)
   // AMX steps take min(G, 64) inputs and must not cross a group: G = 32 or a multiple of 64.
   if (M >= kInt4AmxMinRows && N >= 16 && K <= kAmxMaxK && (group_size == 32 || group_size % kAmxK == 0) &&
-      amx_usable()) {
+      aitune_amx::usable()) {
     n_amx = N / 16 * 16;
     const Pieces& pieces = split_rows(xp, M, K, K);
     // The offsets' share, sum_groups offset * (sum of x over the group), in fp32: [M, N].
@@ -570,7 +540,7 @@ torch::Tensor int4_weight_only_mm(torch::Tensor x, torch::Tensor packed, torch::
 // Which tiles this build runs, for the worker's ready line.
 std::string tiles() {
 #if defined(AITUNE_AMX)
-  if (amx_usable()) return "AMX int8 tiles: int8 at any rows, int4 from 8 rows; AVX-512 tiles for the rest";
+  if (aitune_amx::usable()) return "AMX int8 tiles: int8 at any rows, int4 from 8 rows; AVX-512 tiles for the rest";
   return "AVX-512 tiles (built with AMX, but the OS did not grant the tile state)";
 #elif defined(__AVX512F__)
   return "AVX-512 tiles";
@@ -583,7 +553,7 @@ std::string tiles() {
 // on AMX ~2.3x at 512 rows (even at ~1024); the AVX-512 tiles fall behind fp32's GEMM past ~128-256.
 int64_t max_rows() {
 #if defined(AITUNE_AMX)
-  if (amx_usable()) return 512;
+  if (aitune_amx::usable()) return 512;
 #endif
   return 128;
 }

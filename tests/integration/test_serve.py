@@ -210,7 +210,8 @@ def test_unknown_model_is_404(server):
 def test_worker_logs_what_it_deployed(server):
     log = server.model_log()
     assert re.search(r"AITune: model mlp_int8wo ready: TorchAOBackend\(quantization_config=Int8WeightOnlyConfig\(\)\) "
-                     r"on cpu in \d+ ms; \d+ torch threads \(torch's default", log)
+                     r"on cpu in \d+ ms; \d+ torch threads \(torch's default.*; "
+                     r"gc.freeze: \d+ objects out of full collections; ", log)
 
 
 def test_model_config_sets_the_workers_torch_threads(server):

@@ -8,7 +8,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from aitune_core import Sample
-from aitune_core.aot import CPU_FEATURES
+from aitune_core.aot import CPU_FEATURES, AOTPackage
 from aitune_core.backends import TorchCompileBackend, TorchCompileBackendConfig, backend_from_dict
 from aitune_core.precision import cpu_features
 from aitune_core.serving import warm_up
@@ -170,4 +170,20 @@ def test_a_package_that_cannot_be_loaded_is_compiled_at_start_instead(ahead):
     assert deployed.compiles_on_first_calls
     x, ids = SAMPLES[0]
     for got, expected in zip(deployed.infer(x, ids), built.infer(x, ids)):
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_package_that_does_not_load_where_it_was_built_is_left_out(monkeypatch):
+    """A package compiled at archive time that the same machine cannot load (measured: no room left on the disk to
+    unpack it) is not shipped: the backend compiles at start instead, and its note says why."""
+    def no_room(package, device):
+        raise RuntimeError("Error generating temporary directory: No space left on device")
+
+    monkeypatch.setattr(AOTPackage, "load", no_room)
+    backend = TorchCompileBackend().build(two_inputs(), None, SAMPLES, "cpu")
+    assert backend.to_dict()["compiled"]["package"] is None and backend.compiles_on_first_calls
+    assert "the package just compiled does not load (" in backend.compile_note
+    assert "No space left on device" in backend.compile_note
+    x, ids = SAMPLES[0]
+    for got, expected in zip(backend.infer(x, ids), two_inputs()(x, ids)):
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)

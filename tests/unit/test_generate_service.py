@@ -12,7 +12,7 @@ from aitune_core.generate.codec import GenerateCodec
 from aitune_core.generate.engine import Engine
 from aitune_core.generate.prepare import prepare
 from aitune_core.generate.request import parse
-from aitune_core.generate.service import GenerateService
+from aitune_core.generate.service import RUN_AHEAD_STEPS, GenerateService
 from aitune_core.graph_spec import GraphSpec
 from aitune_core.wire import ModelInfo, Request, openai
 from models.llm_folders import make_llm_folder, make_tokenizer
@@ -144,7 +144,7 @@ class Recording:
 
 
 def test_steps_run_ahead_on_the_model_thread(model, prepared):
-    """A lone stream's call returns the text of the step that ran since the last one and starts the next: an idle
+    """A lone stream's call returns the text of the steps that ran since the last one and starts the next: an idle
     worker's arrival gets its first step in its own call, an arrival beside a stream running ahead joins the step
     that starts (an empty first reply); with two sequences each call runs its step. The text is the same as alone,
     and every forward runs on the one model thread."""
@@ -171,11 +171,31 @@ def test_steps_run_ahead_on_the_model_thread(model, prepared):
     assert recording.threads and {name.split("_")[0] for name in recording.threads} == {"aitune-model"}
 
 
+def test_a_lone_stream_runs_steps_ahead_until_a_call_comes(model, prepared):
+    """Where the frontend's round trip is slower than a step, a lone stream's steps go on without it (at most
+    RUN_AHEAD_STEPS); the next call carries the text of them all, and the stream's text is the same as alone."""
+    body = {"prompt": "def f(a, b):", "max_new_tokens": 24, "stream": True}
+    expected = Engine(prepared.module, prepared.tokenizer, prepared.options).generate(
+        parse(body, prepared.tokenizer, prepared.options))
+    service = GenerateService(model)
+    replies = service.step([("a", *rest(body))])
+    service.stepping.result()  # no call came: the steps ahead went on to their limit
+    assert len(service.batcher.live["a"].sequence.tokens) == min(1 + RUN_AHEAD_STEPS, len(expected.tokens))
+    while replies[-1].more:
+        replies += service.step([("a", {}, rest(body)[1])])
+    pieces = [piece for reply in replies for piece in json_pieces(reply.response.body.encode())]
+    assert "".join(piece["text"] for piece in pieces) == expected.text
+    assert pieces[-1]["usage"]["completion_tokens"] == len(expected.tokens)
+    assert len(replies) < len(expected.tokens)  # some calls carried several steps
+    assert service.stepping is None and not service.running and len(service.batcher.free_slots) == 4
+
+
 def test_a_step_that_fails_unexpectedly_fails_its_requests_and_the_next_are_served(model, monkeypatch):
     service = GenerateService(model)
-    body = {"prompt": "x", "max_new_tokens": 8, "stream": True}
+    body = {"prompt": "x", "max_new_tokens": 4 * RUN_AHEAD_STEPS, "stream": True}
     service.step([("a", *rest(body))])
-    service.stepping.result()  # let the step under way end, then break the next one
+    service.stepping.result()  # let the steps under way end (the stream goes on), then break the next one
+    assert "a" in service.batcher.live
 
     def broken(keys, prompt_parts):
         raise RuntimeError("a bug in a step")

@@ -85,6 +85,7 @@ def test_layout_and_inference_service(tmp_path, archive, schema, gpus):
     assert properties["model_store"] == "/mnt/models/model-store"
     assert properties["enable_envvars_config"] == "false" and properties["install_py_dep_per_model"] == "true"
     assert properties["number_of_gpu"] == str(gpus)
+    assert ("-XX:TieredStopAtLevel=1" in properties.get("vmargs", "")) == (not gpus)  # C1 only on a CPU pod
     snapshot = json.loads(properties["model_snapshot"])
     # The archive's model-config.yaml wins over the defaults.
     assert snapshot["models"]["mlp_int8wo"]["1.0"] == {"defaultVersion": True, "marName": "mlp_int8wo.mar",

@@ -187,3 +187,24 @@ def test_a_worker_imports_torchao_only_for_an_archive_that_needs_it(tmp_path, ba
                           text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["200", str(needs_torchao)]
+
+
+def test_settle_heap_collects_then_takes_what_is_alive_out_of_full_collections():
+    """What a worker does once its model is loaded (serving.settle_heap): garbage goes, what is alive is frozen;
+    objects made later are collected as before. In a process of its own: freezing is for the whole process."""
+    import subprocess
+    import sys
+
+    code = ("import gc, weakref\n"
+            "from aitune_core.serving import settle_heap\n"
+            "class Node: pass\n"
+            "kept = Node(); kept.me = kept\n"
+            "garbage = Node(); garbage.me = garbage; gone = weakref.ref(garbage); del garbage\n"
+            "frozen = settle_heap()\n"
+            "later = Node(); later.me = later; later_ref = weakref.ref(later); del later\n"
+            "tracked = {id(o) for o in gc.get_objects()}\n"
+            "gc.collect()\n"
+            "print(frozen == gc.get_freeze_count() > 1000, gone() is None, id(kept) in tracked, later_ref() is None)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True", "False", "True"]
