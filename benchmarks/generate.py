@@ -34,7 +34,7 @@ from aitune_core.generate.engine import Engine, prefill  # noqa: E402
 from aitune_core.generate.request import GenerateRequest, parse  # noqa: E402
 from aitune_core.generate.sampling import SamplingParams  # noqa: E402
 from aitune_core.tune import TuneOptions  # noqa: E402
-from aitune_core.serving import load_model  # noqa: E402
+from aitune_core.serving import load_model, settle_heap  # noqa: E402
 from integration.torchserve import TorchServe  # noqa: E402
 from models.llm_folders import make_llm_folder, make_tokenizer  # noqa: E402
 from corpus import stdlib_text  # noqa: E402 (on the path through models.llm_folders)
@@ -187,6 +187,7 @@ def served(report: Report, work: Path, store: Path, name: str, loaded: Any, roun
     server = TorchServe(work / "ts", work / "mar", {name: f"{name}.mar"}).start()
     try:
         server.wait_ready(name, timeout=900)
+        settle_heap()  # the models loaded in this process stay; a full collection of them must not land in a stream
         ends: dict[int, list[float]] = {1: [], STEPS + 1: []}
         for _ in range(rounds):
             for new in (1, STEPS + 1):  # the stream's end for 33 tokens less that for 1: the decode steps alone
