@@ -26,8 +26,8 @@ def test_staged_package_is_sources_only(tmp_path):
     assert [p.name for p in staged.iterdir()] == ["aitune_core"]
     files = {p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()}
     assert "aitune_core/wire/oip_grpc.py" in files and "aitune_core/serving.py" in files
-    from aitune_core.kernels.build import HEADER, SOURCES
+    from aitune_core.kernels.build import HEADERS, SOURCES
 
     # the CPU kernels' sources: a worker builds its own
-    assert {f"aitune_core/kernels/{path.name}" for path in [*SOURCES, HEADER]} <= files
+    assert {f"aitune_core/kernels/{path.name}" for path in [*SOURCES, *HEADERS]} <= files
     assert not [f for f in files if "__pycache__" in f or not f.endswith((".py", ".cpp", ".h"))]
