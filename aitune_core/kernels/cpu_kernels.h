@@ -1,6 +1,6 @@
-// What the CPU kernels export to one another: cpu_weight_only.cpp (products), cpu_attention.cpp (attention of
-// decode rows over a KV cache), cpu_ops.cpp (their registration as the aitune ops' CPU implementation, and the
-// Python module build.py loads).
+// What the CPU kernels export to one another: cpu_weight_only.cpp and cpu_amx_packed.cpp (products; what their
+// AMX paths share is in cpu_amx.h), cpu_attention.cpp (attention of decode rows over a KV cache), cpu_ops.cpp
+// (their registration as the aitune ops' CPU implementation, and the Python module build.py loads).
 #pragma once
 
 #include <torch/extension.h>

@@ -438,8 +438,8 @@ inline void int4_amx(const float* offset_sums, int64_t M, int64_t K, int64_t gro
                      const Pieces& p) {
   const int64_t groups_k = K / group_size, step = std::min<int64_t>(group_size, kAmxK), tile_bytes = p.quads * 64;
   TileConfig config = full_tiles();
-  config.colsb[0] = static_cast<uint16_t>(step);  // 16 weight rows x step inputs
-  config.rows[1] = static_cast<uint8_t>(step / 4);  // step / 4 input quads x 16 v-columns
+  config.set(0, 16, static_cast<int>(step));  // 16 weight rows x step inputs
+  config.set(1, static_cast<int>(step / 4), 64);  // step / 4 input quads x 16 v-columns
   _tile_loadconfig(&config);
   alignas(64) float acc[kInt4PassTiles * 256];
   for (int64_t n = n0; n < n1; n += 16) {
