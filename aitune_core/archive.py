@@ -8,6 +8,7 @@ failure at any step leaves nothing half-written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -36,6 +37,7 @@ from aitune_core.codecs import TextCodec, TextOptions
 from aitune_core.checkpoint import CHECKPOINT_NAME, MANIFEST_NAME, save_checkpoint, write_manifest
 from aitune_core.devices import parse_device
 from aitune_core.errors import AITuneError, ArchiveError, ConfigError
+from aitune_core.generate.decoder import KV_CACHE_DTYPES
 from aitune_core.graph_spec import GraphSpec, Sample
 from aitune_core.hf import TASKS
 from aitune_core.kserve import KServeOptions, add_arguments as add_kserve_arguments, options_from, write_layout
@@ -69,6 +71,7 @@ class ArchiveOptions:
     sample_texts: Path | None = None  # with hf_model; default: the built-in texts
     max_context: int | None = None  # text-generation: prompt + generated tokens (default: the model's, at most 2048)
     max_batch: int | None = None  # text-generation: sequences decoded together (default 8)
+    kv_cache_dtype: str | None = None  # text-generation: float32 (default) or bfloat16
     min_top1: float | None = None  # text-generation's gate: teacher-forced top-1 agreement (default 0.90)
     max_kl: float | None = None  # and mean KL divergence against fp32 (default 0.10)
     model_class: str | None = None
@@ -128,7 +131,8 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
     module, samples = source.module, source.samples
     progress(f"Recording inputs and outputs on {source.sample_names}")
     try:
-        graph_spec, reference = GraphSpec.record(module, samples)
+        with source.original() if source.original else contextlib.nullcontext(module) as original:
+            graph_spec, reference = GraphSpec.record(original, samples)
     except Exception as error:
         raise ArchiveError(f"The model cannot run the sample(s) {source.sample_names}: "
                            f"{type(error).__name__}: {error}") from None
@@ -240,6 +244,9 @@ class _Source:
     # the user's --config-file (parsed) -> model-config settings the model needs that it does not set; ArchiveError
     # for settings the model cannot serve with
     worker_settings: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    # the original the samples' outputs are recorded on, as a context (generation: the decoder with an fp32 KV
+    # cache, whatever cache the archive holds); None: ``module`` itself
+    original: Callable[[], contextlib.AbstractContextManager[torch.nn.Module]] | None = None
 
 
 def _module_file_source(options: ArchiveOptions, progress: Callable[[str], None]) -> _Source:
@@ -281,8 +288,10 @@ def _hf_source(options: ArchiveOptions, progress: Callable[[str], None]) -> _Sou
     progress(f"Reading the Hugging Face folder {options.hf_model}")
     if task_of(options.hf_model, options.task) == GENERATION:
         return _generation_source(options, progress, list(PACKAGES))
-    if any(value is not None for value in (options.max_context, options.max_batch, options.min_top1, options.max_kl)):
-        raise ArchiveError("--max-context, --max-batch, --min-top1 and --max-kl apply to text generation only")
+    if any(value is not None for value in (options.max_context, options.max_batch, options.kv_cache_dtype,
+                                           options.min_top1, options.max_kl)):
+        raise ArchiveError("--max-context, --max-batch, --kv-cache-dtype, --min-top1 and --max-kl apply to text "
+                           "generation only")
     prepared = prepare(options.hf_model, options.task, options.sample_texts, options.text_max_tokens,
                        options.max_batch_size)
     spec = prepared.spec
@@ -329,7 +338,7 @@ def _generation_source(options: ArchiveOptions, progress: Callable[[str], None],
     if options.tune is not None and (options.tune_devices or options.tune.strategy != "max-throughput"):
         raise ArchiveError("--tune for text generation ranks decode tokens/s on --device: --tune-devices and "
                            "--strategy do not apply")
-    prepared = prepare(options.hf_model, options.max_context, options.max_batch)
+    prepared = prepare(options.hf_model, options.max_context, options.max_batch, options.kv_cache_dtype or "float32")
     config = prepared.module.config
 
     def tune(graph_spec: GraphSpec, device: torch.device, tune_options: TuneOptions) -> tuple[Backend, float]:
@@ -344,12 +353,12 @@ def _generation_source(options: ArchiveOptions, progress: Callable[[str], None],
     how = "" if options.task else " (read from the folder)"
     progress(f"Task text-generation{how}: {config.num_layers} layers, {config.hidden_size} hidden, "
              f"{sum(p.numel() for p in prepared.module.parameters()) / 1e6:.0f}M parameters; KV cache of "
-             f"{config.max_batch} sequences x {config.max_context} tokens, prompts in chunks of "
-             f"{prepared.options.prefill_chunk}")
+             f"{config.max_batch} sequences x {config.max_context} tokens in {config.kv_cache_dtype}, prompts in "
+             f"chunks of {prepared.options.prefill_chunk}")
     return _Source(module=prepared.module, samples=prepared.samples, sample_names="a prompt chunk and a decode step",
                    model_section=prepared.model_section(), write_files=prepared.write_files, packages=packages,
                    check_request=lambda backend: prepared.check(backend, progress, options.min_top1, options.max_kl),
-                   cosine_gate=False, tune=tune,
+                   cosine_gate=False, tune=tune, original=prepared.reference,
                    worker_settings=lambda user: continuous_batching(config.max_batch, user))
 
 
@@ -454,9 +463,10 @@ def _check_options(options: ArchiveOptions) -> tuple[Backend, torch.device]:
         if not options.samples:
             raise ArchiveError("--sample is required: a torch.save file with the model's inputs")
         if any(value is not None for value in (options.task, options.sample_texts, options.max_context,
-                                               options.max_batch, options.min_top1, options.max_kl)):
-            raise ArchiveError("--task, --sample-texts, --max-context, --max-batch, --min-top1 and --max-kl apply "
-                               "with --hf-model only")
+                                               options.max_batch, options.kv_cache_dtype, options.min_top1,
+                                               options.max_kl)):
+            raise ArchiveError("--task, --sample-texts, --max-context, --max-batch, --kv-cache-dtype, --min-top1 and "
+                               "--max-kl apply with --hf-model only")
     if options.text_max_tokens is not None and options.text_max_tokens < 1:
         raise ArchiveError(f"--text-max-tokens must be at least 1, got {options.text_max_tokens}")
     checked = [("--model-file", options.model_file), ("--weights", options.weights),
@@ -622,6 +632,9 @@ def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
     generation.add_argument("--max-context", type=int, help="prompt + generated tokens per sequence "
                                                             "(default: the model's limit, at most 2048)")
     generation.add_argument("--max-batch", type=int, help="sequences decoded together (default 8)")
+    generation.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
+                            help="what the KV cache holds: float32 (default) or bfloat16 (half its memory and of "
+                                 "the bytes a decode step reads from it; the gate holds it against fp32)")
     generation.add_argument("--min-top1", type=float, help="gate: teacher-forced next-token top-1 agreement with "
                                                            "fp32 (default 0.90)")
     generation.add_argument("--max-kl", type=float, help="gate: mean KL divergence of the next-token distributions "
@@ -705,7 +718,7 @@ def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
     return ArchiveOptions(
         model_name=args.model_name, model_file=args.model_file, samples=args.samples, model_class=args.model_class,
         hf_model=args.hf_model, task=args.task, sample_texts=args.sample_texts, max_context=args.max_context,
-        max_batch=args.max_batch, min_top1=args.min_top1, max_kl=args.max_kl,
+        max_batch=args.max_batch, kv_cache_dtype=args.kv_cache_dtype, min_top1=args.min_top1, max_kl=args.max_kl,
         model_kwargs=model_kwargs, weights=args.weights, backend=args.backend, quantization=args.quantization,
         checkpoint_weights=args.checkpoint_weights, compile=args.compile, precision=args.precision,
         compile_at=args.compile_at, device=args.device, export_path=args.export_path,

@@ -36,6 +36,7 @@ import torch
 from aitune_core.errors import AITuneError
 from aitune_core.generate.engine import Engine, Generation, Sequence, prefill, window
 from aitune_core.generate.request import GenerateRequest
+from aitune_core.generate.sampling import greedy_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -235,9 +236,13 @@ class Batcher:
         now = time.perf_counter()
         for key, first, end in prompt_parts:
             self.live[key].prompt_done = end
+        greedy = greedy_tokens(logits[:len(rows), -1]) if any(
+            live.sequence.request.sampling.greedy for live in rows) else []
         for row, (key, live) in enumerate(zip(keys, rows)):
+            sequence = live.sequence
             try:
-                live.step = live.sequence.take(logits[row, -1])
+                live.step = sequence.accept(greedy[row]) if sequence.request.sampling.greedy else sequence.take(
+                    logits[row, -1])
             except Exception as error:  # noqa: BLE001 - e.g. its sampling: this request fails, the others go on
                 logger.exception("Generation failed in a decode step of request %s", key)
                 self._leave(key, "error")

@@ -95,7 +95,10 @@ class Sequence:
 
     def take(self, logits: torch.Tensor) -> tuple[int, int] | None:
         """The next (token, position) to run, or None when the request ended with this token."""
-        token = sample(logits.float(), self.request.sampling, self.generator)
+        return self.accept(sample(logits.float(), self.request.sampling, self.generator))
+
+    def accept(self, token: int) -> tuple[int, int] | None:
+        """``take`` for a token already chosen (a batch's greedy tokens come from one argmax over all its rows)."""
         self.tokens.append(token)
         if token in self.eos:
             self.finish = "stop"

@@ -2,15 +2,16 @@
 
 The samples are one prompt chunk and one decode step of two sequences, each with its attention window: the
 shapes every ``infer`` of the archive has (a compiled backend records their dims as dynamic and compiles
-one graph). The gate
-(``gate.py``) runs after the build, against the fp32 decoder, and refuses an archive below it.
+one graph). The gate (``gate.py``) runs after the build, against the fp32 decoder with an fp32 KV cache (what
+the folder's model computes, whatever cache the archive holds), and refuses an archive below it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from aitune_core.backend import Backend
 from aitune_core.errors import ArchiveError
 from aitune_core.generate import gate
 from aitune_core.generate.codec import GenerateCodec
-from aitune_core.generate.decoder import Decoder
+from aitune_core.generate.decoder import KV_CACHE_DTYPES, Decoder
 from aitune_core.generate.engine import window
 from aitune_core.generate.folder import load_decoder
 from aitune_core.generate.request import GenerateOptions, parse
@@ -38,6 +39,17 @@ class Prepared:
     options: GenerateOptions
     tokenizer: Any
 
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[Decoder]:
+        """The gate's reference: the fp32 decoder with an fp32 KV cache, for the time of the block (``module`` holds
+        the archive's cache again after it: the backends built from it hold copies)."""
+        dtype = self.module.config.kv_cache_dtype
+        self.module.use_kv_cache("float32")
+        try:
+            yield self.module
+        finally:
+            self.module.use_kv_cache(dtype)
+
     def model_section(self) -> dict[str, Any]:
         return {"generate": self.module.config.to_dict()}
 
@@ -51,11 +63,11 @@ class Prepared:
     def check(self, backend: Backend, progress: Callable[[str], None], min_top1: float | None,
               max_kl: float | None) -> dict[str, Any]:
         """The generation gate of the built backend, and one real request through the engine; the request section."""
-        reference = self.module
-        sequences = gate.continuations(reference, self.tokenizer, self.options)
-        result = gate.measure(reference, backend.infer, sequences, self.options,
-                              gate.MIN_TOP1 if min_top1 is None else min_top1,
-                              gate.MAX_KL if max_kl is None else max_kl)
+        with self.reference() as reference:
+            sequences = gate.continuations(reference, self.tokenizer, self.options)
+            result = gate.measure(reference, backend.infer, sequences, self.options,
+                                  gate.MIN_TOP1 if min_top1 is None else min_top1,
+                                  gate.MAX_KL if max_kl is None else max_kl)
         progress(f"Generation gate (teacher-forced, {len(sequences)} held prompts): {result.describe()}")
         if not result.passed:
             raise ArchiveError(f"Generation accuracy gate failed: {result.describe()}; try another quantization, or "
@@ -68,11 +80,16 @@ class Prepared:
         return self.options.to_dict()
 
 
-def prepare(folder: Path, max_context: int | None, max_batch: int | None) -> Prepared:
-    """Load the folder's decoder (fp32) and tokenizer, and make the samples; ArchiveError naming any problem."""
+def prepare(folder: Path, max_context: int | None, max_batch: int | None,
+            kv_cache_dtype: str = "float32") -> Prepared:
+    """Load the folder's decoder (fp32, its KV cache in ``kv_cache_dtype``) and tokenizer, and make the samples;
+    ArchiveError naming any problem."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ArchiveError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
     folder = Path(folder)
     tokenizer = load_tokenizer(folder)
     decoder, eos = load_decoder(folder, max_context, max_batch)
+    decoder.use_kv_cache(kv_cache_dtype)
     if not eos and tokenizer.eos_token_id is not None:
         eos = [int(tokenizer.eos_token_id)]
     config = decoder.config

@@ -16,6 +16,10 @@ class SamplingParams:
     top_k: int = 0  # 0: every token
     seed: int | None = None
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
     def generator(self) -> torch.Generator | None:
         """A generator of its own for a seeded request (repeatable whatever else runs), None otherwise."""
         if self.seed is None:
@@ -23,10 +27,19 @@ class SamplingParams:
         return torch.Generator().manual_seed(self.seed)
 
 
+def greedy_tokens(logits: torch.Tensor) -> list[int]:
+    """The greedy token of each row of ``logits`` ``[rows, vocabulary]`` (the first of equal maxima, a NaN's if
+    a row has one, as ``torch.argmax``): numpy's argmax takes ~20 us for 8 rows of 32000 where torch's takes ~50
+    a row (2 cores), and a batch of 8 streams picks its tokens every ~15 ms step."""
+    if logits.device.type != "cpu":  # the argmax where the logits are: only the ids cross
+        return logits.argmax(-1).tolist()
+    return logits.detach().float().numpy().argmax(-1).tolist()
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """One token id from ``logits`` ``[vocabulary]``."""
-    if params.temperature == 0:
-        return int(logits.argmax())
+    if params.greedy:
+        return greedy_tokens(logits.view(1, -1))[0]
     logits = logits.float() / params.temperature
     if params.top_k and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]

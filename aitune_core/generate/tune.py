@@ -68,7 +68,8 @@ def tune_generation(prepared: Any, graph_spec: GraphSpec, device: torch.device, 
                     progress: Callable[[str], None]) -> tuple[Backend, list[Ranked], str]:
     """The fastest candidate within the gate (built, ACTIVE), every candidate's line, and why it won."""
     names = [EAGER, *[name for name in (names or CANDIDATES) if name != EAGER]]
-    sequences = gate.continuations(prepared.module, prepared.tokenizer, prepared.options)
+    with prepared.reference() as reference:
+        sequences = gate.continuations(reference, prepared.tokenizer, prepared.options)
     rows, built = [], {}
     for index, name in enumerate(names):
         progress(f"tuning {index + 1}/{len(names)} {name} on {device}")
@@ -91,9 +92,10 @@ def tune_generation(prepared: Any, graph_spec: GraphSpec, device: torch.device, 
             started = time.perf_counter()
             backend.build(prepared.module, graph_spec, prepared.samples, device)
             row.build_s = round(time.perf_counter() - started, 1)
-            result = gate.measure(prepared.module, backend.infer, sequences, prepared.options,
-                                  gate.MIN_TOP1 if min_top1 is None else min_top1,
-                                  gate.MAX_KL if max_kl is None else max_kl)
+            with prepared.reference() as reference:
+                result = gate.measure(reference, backend.infer, sequences, prepared.options,
+                                      gate.MIN_TOP1 if min_top1 is None else min_top1,
+                                      gate.MAX_KL if max_kl is None else max_kl)
             row.top1, row.kl = round(result.top1, 4), round(result.kl, 5)
             if not result.passed:
                 row.outcome = f"out: generation gate ({result.describe()})"

@@ -3,30 +3,30 @@
 // is a gather of every row's window out of the cache (a copy the length of the longest sequence for every
 // row), a masked score matrix and two batched products: at 8 decode rows of a 254M decoder that costs more
 // than the rest of the step but its products. Here each (row, kv head) reads its keys and values once, only
-// as far as its own position, for the query heads that share them.
+// as far as its own position, for the query heads that share them. The cache holds fp32 or bf16 (half the bytes a
+// step reads, widened to fp32 as they are read; the sums stay fp32).
 #include "cpu_kernels.h"
 
 #include <ATen/Parallel.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
-constexpr int kLanes = 16;  // partial sums of a dot product, added up once: the compiler keeps them in registers
-
-inline float dot(const float* a, const float* b, int64_t n) {
-  float lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] += a[i + l] * b[i + l];
-  for (; i < n; ++i) lanes[i % kLanes] += a[i] * b[i];
-  // Halves added pairwise: vector adds, where a sum lane after lane is sixteen dependent scalar ones.
-  for (int width = kLanes / 2; width > 0; width /= 2)
-    for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
-  return lanes[0];
+// A cache element as fp32: bf16 is fp32's upper half.
+inline float widen(float x) { return x; }
+inline float widen(uint16_t bf16) {
+  const uint32_t bits = static_cast<uint32_t>(bf16) << 16;
+  float x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
 }
 
 // exp(x) for the x <= 0 of a softmax, within ~1 ulp (Cephes' expf), in plain float arithmetic so that the
@@ -53,8 +53,10 @@ inline float exp_nonpositive(float x) {
 constexpr int64_t kAhead = 8;  // key rows prefetched ahead of the one read
 
 // A prefetch is a hint: past the end of the cache it never faults.
-inline void prefetch_row(const float* row, int64_t D) {
-  for (int64_t i = 0; i < D; i += 16) __builtin_prefetch(row + i);
+template <typename Cache>
+inline void prefetch_row(const Cache* row, int64_t D) {
+  constexpr int64_t kLine = 64 / sizeof(Cache);  // elements a cache line
+  for (int64_t i = 0; i < D; i += kLine) __builtin_prefetch(row + i);
 }
 
 // Softmax of ``row``'s first ``count`` scores times ``scale``; the rest of its ``width`` (positions past the query's
@@ -76,45 +78,140 @@ void softmax_prefix(float* row, int64_t count, int64_t width, float scale) {
   for (int64_t c = count; c < width; ++c) row[c] = 0.f;
 }
 
-// A decode row's G query heads ``q`` (G x D) over ``count`` cached keys and values (count x D each) -> ``out``
-// (G x D), in loops: a few query rows are bound by reading the keys and values, which this does once.
-// ``scores`` and ``sums`` are the caller's scratch.
-void attend_few(const float* q, int64_t G, int64_t D, const float* keys, const float* values, int64_t count,
-                float scale, float* out, std::vector<float>& scores, std::vector<float>& sums) {
-  scores.resize(G * count);
-  sums.assign(G * D, 0.f);
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+// 16 elements of a row (the lanes ``m`` holds; the others 0, never read) as fp32.
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+// The lanes of a row of D from element d on (none past its end).
+inline __mmask16 lanes_from(int64_t d, int64_t D) {
+  return d >= D ? 0 : D - d >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (D - d)) - 1);
+}
+
+// The dot products of the G query rows with N keys from ``keys``, into ``scores`` (G rows of ``count``): one
+// vector of sums per key, so N dot products run side by side rather than each waiting on its own sums.
+template <int N, typename Cache>
+inline void dot_keys_n(const float* q, int64_t G, int64_t D, const Cache* keys, int64_t count, float* scores) {
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 sum[N];
+    for (int n = 0; n < N; ++n) sum[n] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) {
+      const __mmask16 m = lanes_from(d, D);
+      const __m512 query = load16(q + g * D + d, m);
+      for (int n = 0; n < N; ++n) sum[n] = _mm512_fmadd_ps(query, load16(keys + n * D + d, m), sum[n]);
+    }
+    for (int n = 0; n < N; ++n) scores[g * count + n] = _mm512_reduce_add_ps(sum[n]);
+  }
+}
+
+constexpr int kKeysAtOnce = 4;
+
+template <typename Cache>
+void dot_keys(const float* q, int64_t G, int64_t D, const Cache* keys, const Cache* values, int64_t count,
+              float* scores) {
+  int64_t c = 0;
+  for (; c + kKeysAtOnce <= count; c += kKeysAtOnce) {
+    for (int n = 0; n < kKeysAtOnce; ++n) {
+      prefetch_row(keys + (c + n + kAhead) * D, D);
+      prefetch_row(values + (c + n) * D, D);
+    }
+    dot_keys_n<kKeysAtOnce>(q, G, D, keys + c * D, count, scores + c);
+  }
+  for (; c < count; ++c) {
+    prefetch_row(values + c * D, D);
+    dot_keys_n<1>(q, G, D, keys + c * D, count, scores + c);
+  }
+}
+
+// out (G x D) = each query row's weights ``scores`` (G rows of ``count``) times the values: 64 columns of sums at a
+// time, in registers.
+template <typename Cache>
+void sum_values(const float* scores, int64_t G, int64_t D, const Cache* values, int64_t count, float* out) {
+  for (int64_t g = 0; g < G; ++g) {
+    const float* weight = scores + g * count;
+    for (int64_t d = 0; d < D; d += 64) {
+      const __mmask16 m[4] = {lanes_from(d, D), lanes_from(d + 16, D), lanes_from(d + 32, D), lanes_from(d + 48, D)};
+      __m512 sum[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      for (int64_t c = 0; c < count; ++c) {
+        const __m512 w = _mm512_set1_ps(weight[c]);
+        const Cache* v = values + c * D + d;
+        for (int i = 0; i < 4; ++i)
+          if (m[i]) sum[i] = _mm512_fmadd_ps(w, load16(v + 16 * i, m[i]), sum[i]);
+      }
+      for (int i = 0; i < 4; ++i)
+        if (m[i]) _mm512_mask_storeu_ps(out + g * D + d + 16 * i, m[i], sum[i]);
+    }
+  }
+}
+#else
+constexpr int kLanes = 16;  // partial sums of a dot product, added up once: the compiler keeps them in registers
+
+template <typename Cache>
+inline float dot(const float* a, const Cache* b, int64_t n) {
+  float lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] += a[i + l] * widen(b[i + l]);
+  for (; i < n; ++i) lanes[i % kLanes] += a[i] * widen(b[i]);
+  // Halves added pairwise: vector adds, where a sum lane after lane is sixteen dependent scalar ones.
+  for (int width = kLanes / 2; width > 0; width /= 2)
+    for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+  return lanes[0];
+}
+
+template <typename Cache>
+void dot_keys(const float* q, int64_t G, int64_t D, const Cache* keys, const Cache* values, int64_t count,
+              float* scores) {
   for (int64_t c = 0; c < count; ++c) {
-    // The keys' and values' rows are short streams (a few KB) read once between a step's weights, out of memory:
-    // ask for the key row kAhead on and this value row (read in the next pass) before they are needed.
     prefetch_row(keys + (c + kAhead) * D, D);
     prefetch_row(values + c * D, D);
     for (int64_t g = 0; g < G; ++g) scores[g * count + c] = dot(q + g * D, keys + c * D, D);
   }
-  for (int64_t g = 0; g < G; ++g) softmax_prefix(scores.data() + g * count, count, count, scale);
+}
+
+template <typename Cache>
+void sum_values(const float* scores, int64_t G, int64_t D, const Cache* values, int64_t count,
+                float* __restrict out) {
+  std::fill(out, out + G * D, 0.f);
   for (int64_t c = 0; c < count; ++c) {
-    const float* v = values + c * D;
+    const Cache* v = values + c * D;
     for (int64_t g = 0; g < G; ++g) {
       const float p = scores[g * count + c];
-      float* sum = sums.data() + g * D;
-      for (int64_t d = 0; d < D; ++d) sum[d] += p * v[d];
+      float* __restrict sum = out + g * D;
+      for (int64_t d = 0; d < D; ++d) sum[d] += p * widen(v[d]);
     }
   }
-  std::memcpy(out, sums.data(), G * D * sizeof(float));
+}
+#endif
+
+// A decode row's G query heads ``q`` (G x D) over ``count`` cached keys and values (count x D each) -> ``out``
+// (G x D): a few query rows are bound by reading the keys and values, which this does once (the keys' pass
+// prefetches the values for the second). ``scores`` is the caller's scratch.
+template <typename Cache>
+void attend_few(const float* q, int64_t G, int64_t D, const Cache* keys, const Cache* values, int64_t count,
+                float scale, float* out, std::vector<float>& scores) {
+  scores.resize(G * count);
+  dot_keys(q, G, D, keys, values, count, scores.data());
+  for (int64_t g = 0; g < G; ++g) softmax_prefix(scores.data() + g * count, count, count, scale);
+  sum_values(scores.data(), G, D, values, count, out);
 }
 
 // The L x G query rows of one kv head (a prompt chunk: L tokens at ``positions``; q and out rows of H heads, this
 // head's G from ``head``) over the keys and values where they lie, in two matrix products: many query rows are
-// bound by the multiplications, which a GEMM does best.
+// bound by the multiplications, which a GEMM does best (bf16 keys and values are widened first: the GEMM is fp32).
+template <typename Cache>
 void attend_many(const float* q, int64_t L, int64_t H, int64_t G, int64_t D, int64_t head, const int64_t* positions,
-                 const float* keys, const float* values, float scale, float* out) {
+                 const Cache* keys, const Cache* values, float scale, float* out) {
   int64_t count = 0;
   for (int64_t t = 0; t < L; ++t) count = std::max(count, positions[t] + 1);
   const auto options = at::TensorOptions().dtype(at::kFloat);
   auto queries = at::empty({L * G, D}, options);
   float* rows = queries.data_ptr<float>();
   for (int64_t t = 0; t < L; ++t) std::memcpy(rows + t * G * D, q + (t * H + head) * D, G * D * sizeof(float));
-  const auto k = at::from_blob(const_cast<float*>(keys), {count, D}, options);
-  const auto v = at::from_blob(const_cast<float*>(values), {count, D}, options);
+  const auto stored = at::TensorOptions().dtype(std::is_same_v<Cache, float> ? at::kFloat : at::kBFloat16);
+  const at::Tensor k = at::from_blob(const_cast<Cache*>(keys), {count, D}, stored).to(at::kFloat);
+  const at::Tensor v = at::from_blob(const_cast<Cache*>(values), {count, D}, stored).to(at::kFloat);
   auto scores = at::mm(queries, k.t());
   float* s = scores.data_ptr<float>();
   for (int64_t t = 0; t < L; ++t)
@@ -125,6 +222,43 @@ void attend_many(const float* q, int64_t L, int64_t H, int64_t G, int64_t D, int
 }
 
 constexpr int64_t kGemmRows = 16;  // query rows of one kv head from which two GEMMs beat the loops (L x G)
+
+struct Shape {
+  int64_t B, L, H, D, KV, C;  // rows, tokens a row, query heads, head_dim, kv heads, cache positions
+};
+
+// Every (row, token, kv head) of q over its slot's cache (of ``Cache``: float, or bf16 as its bits), into ``out``.
+template <typename Cache>
+void attend(const Shape& shape, const float* qp, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+            const int64_t* slot, const int64_t* position, float* op) {
+  const int64_t B = shape.B, L = shape.L, H = shape.H, D = shape.D, KV = shape.KV, C = shape.C;
+  const int64_t G = H / KV;
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  const auto* kp = static_cast<const Cache*>(k_cache.data_ptr());
+  const auto* vp = static_cast<const Cache*>(v_cache.data_ptr());
+  if (L * G >= kGemmRows) {
+    // One task a (row, kv head): its L tokens' G query heads in two GEMMs.
+    at::parallel_for(0, B * KV, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t h = i % KV, b = i / KV;
+        const int64_t cache_row = (slot[b] * KV + h) * C * D;
+        attend_many(qp + b * L * H * D, L, H, G, D, h * G, position + b * L, kp + cache_row, vp + cache_row, scale,
+                    op + b * L * H * D);
+      }
+    });
+    return;
+  }
+  // One task a (row, token, kv head): its G query heads read that head's keys and values once.
+  at::parallel_for(0, B * L * KV, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t h = i % KV, bt = i / KV, b = bt / L;
+      const int64_t cache_row = (slot[b] * KV + h) * C * D;
+      const int64_t head = (bt * H + h * G) * D;
+      attend_few(qp + head, G, D, kp + cache_row, vp + cache_row, position[bt] + 1, scale, op + head, scores);
+    }
+  });
+}
 
 }  // namespace
 
@@ -160,8 +294,10 @@ torch::Tensor cached_attention(const torch::Tensor& q_in, const torch::Tensor& k
       last = p > last ? p : last;
     }
   }
-  if (q_in.scalar_type() != at::kFloat || k_cache_in.scalar_type() != at::kFloat ||
-      v_cache_in.scalar_type() != at::kFloat) {
+  const auto cache_type = k_cache_in.scalar_type();
+  const bool native = q_in.scalar_type() == at::kFloat && v_cache_in.scalar_type() == cache_type &&
+                      (cache_type == at::kFloat || cache_type == at::kBFloat16);
+  if (!native) {
     // Another dtype: the rows' windows only, in fp32, each in its own slot; the answer in q's dtype.
     const auto window = [&](const torch::Tensor& cache) {
       return cache.slice(2, 0, last + 1).index_select(0, slots).to(at::kFloat);
@@ -170,35 +306,14 @@ torch::Tensor cached_attention(const torch::Tensor& q_in, const torch::Tensor& k
     return cached_attention(q_in.to(at::kFloat), window(k_cache_in), window(v_cache_in), rows, positions)
         .to(q_in.scalar_type());
   }
-  const auto q = q_in.contiguous(), k_cache = k_cache_in.contiguous(), v_cache = v_cache_in.contiguous();
+  const auto q = q_in.contiguous();
   auto out = torch::empty({B, L, H, D}, q.options());
-  const int64_t G = H / KV;
-  const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  if (L * G >= kGemmRows) {
-    // One task a (row, kv head): its L tokens' G query heads in two GEMMs.
-    at::parallel_for(0, B * KV, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t h = i % KV, b = i / KV;
-        const int64_t cache_row = (slot[b] * KV + h) * C * D;
-        attend_many(qp + b * L * H * D, L, H, G, D, h * G, position + b * L, kp + cache_row, vp + cache_row, scale,
-                    op + b * L * H * D);
-      }
-    });
-    return out;
-  }
-  // One task a (row, token, kv head): its G query heads read that head's keys and values once.
-  at::parallel_for(0, B * L * KV, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores, sums;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t h = i % KV, bt = i / KV, b = bt / L;
-      const int64_t cache_row = (slot[b] * KV + h) * C * D;
-      const int64_t head = (bt * H + h * G) * D;
-      attend_few(qp + head, G, D, kp + cache_row, vp + cache_row, position[bt] + 1, scale, op + head, scores, sums);
-    }
-  });
+  const Shape shape{B, L, H, D, KV, C};
+  if (cache_type == at::kFloat)
+    attend<float>(shape, q.data_ptr<float>(), k_cache_in.contiguous(), v_cache_in.contiguous(), slot, position,
+                  out.data_ptr<float>());
+  else
+    attend<uint16_t>(shape, q.data_ptr<float>(), k_cache_in.contiguous(), v_cache_in.contiguous(), slot, position,
+                     out.data_ptr<float>());
   return out;
 }

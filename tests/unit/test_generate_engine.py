@@ -12,7 +12,7 @@ from aitune_core.generate.engine import Engine
 from aitune_core.generate.folder import load_decoder
 from aitune_core.generate.prepare import prepare
 from aitune_core.generate.request import GenerateOptions, parse
-from aitune_core.generate.sampling import SamplingParams, sample
+from aitune_core.generate.sampling import SamplingParams, greedy_tokens, sample
 from aitune_core.generate.text import REPLACEMENT, Detokenizer, StopText
 from models.llm_folders import make_llm_folder, make_tokenizer
 
@@ -72,6 +72,21 @@ def test_sampling():
     assert len(set(draws)) == 1  # a seed repeats
     many = {sample(logits, SamplingParams(temperature=2.0, top_k=2), torch.Generator().manual_seed(i)) for i in range(40)}
     assert many == {1, 3}  # top_k keeps the two best
+
+
+def test_greedy_tokens_of_a_batch_are_torch_argmax_of_each_row():
+    nan, inf = float("nan"), float("inf")
+    rows = torch.tensor([[0.0, 3.0, 1.0, 3.0],  # equal maxima: the first
+                         [1.0, nan, 5.0, nan],  # a NaN: the first NaN
+                         [-inf, -inf, -inf, -inf],
+                         [2.0, -1.0, 0.5, 1.9]])
+    expected = [int(row.argmax()) for row in rows]
+    assert greedy_tokens(rows) == expected == [1, 1, 0, 0]
+    assert greedy_tokens(rows.bfloat16()) == expected
+    with torch.inference_mode():
+        many = torch.randn(8, 32000)
+    assert greedy_tokens(many) == many.argmax(-1).tolist()
+    assert sample(many[3], SamplingParams(), None) == int(many[3].argmax())
 
 
 def test_streamed_text_is_whole_characters(tokenizer):
@@ -217,6 +232,50 @@ def test_int4wo_archive_quantizes_the_decoder_and_stores_its_gate(tokenizer, tmp
     engine = Engine(model.backend.infer, model.codec.tokenizer, model.codec.options)
     request = parse({"prompt": "import os", "max_new_tokens": 8}, model.codec.tokenizer, model.codec.options)
     assert engine.generate(request).tokens == engine.generate(request).tokens
+
+
+def test_a_bf16_kv_cache_decodes_close_to_fp32_and_refuses_other_dtypes(folders, tokenizer):
+    prepared = prepare(folders["llama"], 128, 2)
+    ids = torch.randint(3, 500, (1, 37), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(37).unsqueeze(0)
+    with torch.no_grad():
+        fp32 = prepared.module(ids, positions, torch.tensor([1]))
+        prepared.module.use_kv_cache("bfloat16")
+        bf16 = prepared.module(ids, positions, torch.tensor([1]))
+    caches = {buffer.dtype for name, buffer in prepared.module.named_buffers() if name.endswith("_cache")}
+    assert caches == {torch.bfloat16} and prepared.module.config.kv_cache_dtype == "bfloat16"
+    assert not torch.equal(bf16, fp32)  # the keys and values were rounded
+    # bf16 keeps 8 bits of each key and value: the logits move by a few hundredths of their spread (std ~2.4 here).
+    assert float((bf16 - fp32).abs().max()) < 0.1 * float(fp32.std())
+    assert float((bf16 - fp32).abs().mean()) < 0.02 * float(fp32.std())
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of float32, bfloat16, got 'float16'"):
+        prepared.module.use_kv_cache("float16")
+    with pytest.raises(ArchiveError, match="--kv-cache-dtype must be one of float32, bfloat16, got 'int8'"):
+        prepare(folders["llama"], 128, 2, "int8")
+
+
+def test_a_bf16_kv_cache_archive_holds_it_and_is_gated_against_the_fp32_cache(folders, tmp_path):
+    """The archive's decoder (and the worker's) holds a bf16 cache; the gate's reference does not: an eager archive,
+    whose only difference from the reference is its cache, is measured with KL above 0."""
+    from aitune_core.generate.folder import empty_decoder
+    from aitune_core.serving import load_model
+
+    result = archive_model(ArchiveOptions(model_name="kv", hf_model=folders["llama"], backend="eager",
+                                          kv_cache_dtype="bfloat16", max_context=128, max_batch=2,
+                                          export_path=tmp_path, archive_format="no-archive"))
+    manifest = json.loads((result.archive_path / "aitune_manifest.json").read_text())
+    assert manifest["model"]["generate"]["kv_cache_dtype"] == "bfloat16"
+    gate = manifest["request"]["gate"]
+    assert gate["passed"] and gate["kl"] > 0.0
+    model = load_model(result.archive_path, torch.device("cpu"))
+    assert {buffer.dtype for name, buffer in model.backend._module.named_buffers() if name.endswith("_cache")} == {
+        torch.bfloat16}
+    reference = empty_decoder(manifest["model"]["generate"])
+    reference.load_state_dict(model.backend._module.state_dict())
+    engine = Engine(model.backend.infer, model.codec.tokenizer, model.codec.options)
+    request = parse({"prompt": "import os", "max_new_tokens": 8}, model.codec.tokenizer, model.codec.options)
+    assert engine.generate(request).tokens == Engine(reference, model.codec.tokenizer,
+                                                     model.codec.options).generate(request).tokens
 
 
 def test_archives_made_before_the_attention_window_get_three_inputs(folders, tokenizer):

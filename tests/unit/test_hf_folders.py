@@ -215,6 +215,7 @@ def test_with_one_mask():
 @pytest.mark.parametrize("argv, message", [
     (["--hf-model", "DIR", "--sample", "s.pt"], "leave out --sample"),
     (["--model-file", "m.py", "--sample", "s.pt", "--task", "fill-mask"], "apply with --hf-model only"),
+    (["--model-file", "m.py", "--sample", "s.pt", "--kv-cache-dtype", "bfloat16"], "apply with --hf-model only"),
 ])
 def test_cli_flag_mixups_are_one_line_errors(tmp_path, capsys, argv, message):
     folder = tmp_path / "DIR"
@@ -223,6 +224,12 @@ def test_cli_flag_mixups_are_one_line_errors(tmp_path, capsys, argv, message):
     assert archive_main(["--model-name", "m", "--export-path", str(tmp_path / "store"), *argv]) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
+
+
+def test_generation_flags_on_an_encoder_folder_are_one_line_errors(folders, tmp_path, capsys):
+    argv = ["--model-name", "m", "--export-path", str(tmp_path), "--hf-model", str(folders["text-classification"])]
+    assert archive_main([*argv, "--kv-cache-dtype", "bfloat16"]) == 1
+    assert "--kv-cache-dtype, --min-top1 and --max-kl apply to text generation only" in capsys.readouterr().err
 
 
 def test_both_or_neither_source_is_a_usage_error(tmp_path):

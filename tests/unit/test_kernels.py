@@ -64,6 +64,8 @@ def test_the_tiles_built_without_avx512_equal_dequantize_then_matmul(avx2_kernel
                  x.double() @ ops.dequantize_int4(*int4, 64).double().T)
     attention = attention_case(rows, 1, 6, 2, 40)
     assert close(avx2_kernels.cached_attention(*attention).double(), attention_reference(*attention))
+    bf16_cache = (attention[0], attention[1].bfloat16(), attention[2].bfloat16(), *attention[3:])
+    assert close(avx2_kernels.cached_attention(*bf16_cache).double(), attention_reference(*bf16_cache))
 
 
 def test_the_kernels_name_the_tiles_they_run():
@@ -237,6 +239,19 @@ def test_cached_attention_equals_the_gathered_reference(rows, length, heads, kv_
     whole context, no rows."""
     case = attention_case(rows, length, heads, kv_heads, head_dim)
     assert close(ops.cached_attention(*case).double(), attention_reference(*case))
+
+
+@pytest.mark.parametrize("rows, length, heads, kv_heads, head_dim", [
+    (1, 1, 4, 4, 64), (8, 1, 16, 8, 64), (2, 1, 4, 1, 17), (0, 1, 4, 2, 32), (1, 64, 16, 8, 64)])
+def test_cached_attention_over_a_bf16_cache_equals_the_reference_on_its_values(rows, length, heads, kv_heads,
+                                                                               head_dim):
+    """A bf16 KV cache is read as its values widened to fp32 (exactly), with fp32 queries and sums: in loops, in the
+    GEMMs, an odd head_dim, no rows."""
+    q, k_cache, v_cache, slots, positions = attention_case(rows, length, heads, kv_heads, head_dim)
+    case = (q, k_cache.bfloat16(), v_cache.bfloat16(), slots, positions)
+    out = ops.cached_attention(*case)
+    assert out.dtype == torch.float32
+    assert close(out.double(), attention_reference(*case))
 
 
 def test_cached_attention_ignores_what_lies_past_a_rows_position_and_keeps_other_dtypes():
