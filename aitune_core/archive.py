@@ -338,6 +338,9 @@ def _generation_source(options: ArchiveOptions, progress: Callable[[str], None],
     if options.tune is not None and (options.tune_devices or options.tune.strategy != "max-throughput"):
         raise ArchiveError("--tune for text generation ranks decode tokens/s on --device: --tune-devices and "
                            "--strategy do not apply")
+    if options.kv_cache_dtype is not None and options.precision is not None:
+        raise ArchiveError(f"--precision {options.precision} casts the whole decoder, its KV cache included: leave out "
+                           "--kv-cache-dtype")
     prepared = prepare(options.hf_model, options.max_context, options.max_batch, options.kv_cache_dtype or "float32")
     config = prepared.module.config
 

@@ -105,13 +105,13 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(heads * head_dim, config.hidden_size, bias=config.attention_out_bias)
-        self.allocate_cache()
+        self.allocate_cache(config.kv_cache_dtype)
 
-    def allocate_cache(self) -> None:
-        """Empty key and value caches of the config's shape and ``kv_cache_dtype``, where the weights are."""
+    def allocate_cache(self, dtype: str) -> None:
+        """Empty key and value caches of the config's shape in ``dtype``, where the weights are."""
         config = self.config
         shape = (config.max_batch, config.num_kv_heads, config.max_context, config.head_dim)
-        options = {"dtype": getattr(torch, config.kv_cache_dtype), "device": self.q_proj.weight.device}
+        options = {"dtype": getattr(torch, dtype), "device": self.q_proj.weight.device}
         self.register_buffer("k_cache", torch.zeros(shape, **options), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, **options), persistent=False)
 
@@ -189,12 +189,13 @@ class Decoder(nn.Module):
         self.register_buffer("context_positions", torch.arange(config.max_context), persistent=False)
 
     def use_kv_cache(self, dtype: str) -> None:
-        """Hold the KV cache in ``dtype`` (one of KV_CACHE_DTYPES) from now on, empty."""
+        """Hold the KV cache in ``dtype`` (one of KV_CACHE_DTYPES) from now on, empty (the config says so once every
+        layer holds it: a failed allocation leaves the config naming the dtype it had)."""
         if dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {dtype!r}")
-        self.config.kv_cache_dtype = dtype
         for layer in self.model.layers:
-            layer.self_attn.allocate_cache()
+            layer.self_attn.allocate_cache(dtype)
+        self.config.kv_cache_dtype = dtype
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 window: torch.Tensor | None = None) -> torch.Tensor:

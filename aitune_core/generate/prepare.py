@@ -44,8 +44,8 @@ class Prepared:
         """The gate's reference: the fp32 decoder with an fp32 KV cache, for the time of the block (``module`` holds
         the archive's cache again after it: the backends built from it hold copies)."""
         dtype = self.module.config.kv_cache_dtype
-        self.module.use_kv_cache("float32")
-        try:
+        try:  # a switch that fails part-way is undone too
+            self.module.use_kv_cache("float32")
             yield self.module
         finally:
             self.module.use_kv_cache(dtype)

@@ -33,7 +33,8 @@ def greedy_tokens(logits: torch.Tensor) -> list[int]:
     a row (2 cores), and a batch of 8 streams picks its tokens every ~15 ms step."""
     if logits.device.type != "cpu":  # the argmax where the logits are: only the ids cross
         return logits.argmax(-1).tolist()
-    return logits.detach().float().numpy().argmax(-1).tolist()
+    exact = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()  # numpy has no bf16
+    return exact.detach().numpy().argmax(-1).tolist()
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

@@ -52,7 +52,7 @@ inline float exp_nonpositive(float x) {
 
 constexpr int64_t kAhead = 8;  // key rows prefetched ahead of the one read
 
-// A prefetch is a hint: past the end of the cache it never faults.
+// A prefetch is a hint (the callers keep it within the rows they read: no pointer past the cache).
 template <typename Cache>
 inline void prefetch_row(const Cache* row, int64_t D) {
   constexpr int64_t kLine = 64 / sizeof(Cache);  // elements a cache line
@@ -113,7 +113,7 @@ void dot_keys(const float* q, int64_t G, int64_t D, const Cache* keys, const Cac
   int64_t c = 0;
   for (; c + kKeysAtOnce <= count; c += kKeysAtOnce) {
     for (int n = 0; n < kKeysAtOnce; ++n) {
-      prefetch_row(keys + (c + n + kAhead) * D, D);
+      prefetch_row(keys + std::min(c + n + kAhead, count - 1) * D, D);
       prefetch_row(values + (c + n) * D, D);
     }
     dot_keys_n<kKeysAtOnce>(q, G, D, keys + c * D, count, scores + c);
@@ -164,7 +164,7 @@ template <typename Cache>
 void dot_keys(const float* q, int64_t G, int64_t D, const Cache* keys, const Cache* values, int64_t count,
               float* scores) {
   for (int64_t c = 0; c < count; ++c) {
-    prefetch_row(keys + (c + kAhead) * D, D);
+    prefetch_row(keys + std::min(c + kAhead, count - 1) * D, D);
     prefetch_row(values + c * D, D);
     for (int64_t g = 0; g < G; ++g) scores[g * count + c] = dot(q + g * D, keys + c * D, D);
   }

@@ -86,6 +86,8 @@ def test_greedy_tokens_of_a_batch_are_torch_argmax_of_each_row():
     with torch.inference_mode():
         many = torch.randn(8, 32000)
     assert greedy_tokens(many) == many.argmax(-1).tolist()
+    close = torch.tensor([[1.0, 1.0 + 1e-12]], dtype=torch.float64)  # equal in fp32: numpy sees the fp64 values
+    assert greedy_tokens(close) == [1]
     assert sample(many[3], SamplingParams(), None) == int(many[3].argmax())
 
 
@@ -234,7 +236,7 @@ def test_int4wo_archive_quantizes_the_decoder_and_stores_its_gate(tokenizer, tmp
     assert engine.generate(request).tokens == engine.generate(request).tokens
 
 
-def test_a_bf16_kv_cache_decodes_close_to_fp32_and_refuses_other_dtypes(folders, tokenizer):
+def test_a_bf16_kv_cache_decodes_close_to_fp32_and_refuses_other_dtypes(folders, tmp_path):
     prepared = prepare(folders["llama"], 128, 2)
     ids = torch.randint(3, 500, (1, 37), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(37).unsqueeze(0)
@@ -252,6 +254,10 @@ def test_a_bf16_kv_cache_decodes_close_to_fp32_and_refuses_other_dtypes(folders,
         prepared.module.use_kv_cache("float16")
     with pytest.raises(ArchiveError, match="--kv-cache-dtype must be one of float32, bfloat16, got 'int8'"):
         prepare(folders["llama"], 128, 2, "int8")
+    with pytest.raises(ArchiveError, match="--precision bf16 casts the whole decoder, its KV cache included"):
+        archive_model(ArchiveOptions(model_name="kv", hf_model=folders["llama"], precision="bf16",
+                                     kv_cache_dtype="bfloat16", export_path=tmp_path, archive_format="no-archive"))
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_bf16_kv_cache_archive_holds_it_and_is_gated_against_the_fp32_cache(folders, tmp_path):
