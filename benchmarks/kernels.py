@@ -7,6 +7,9 @@
 2. 8 rows against 1: rows/s of the same products (target >= 5x: eight rows read the weights once).
 3. The 1024-4096-1024 MLP at 1 row, in-process: the weight-only backend's int8 (compiled) against fp32
    eager, taking turns, with fp32 eager against a copy of itself as the noise floor (target >= 1.3x).
+4. The same MLP served: its int8wo-cpu and fp32 eager archives (and a copy of the eager one, the floor) in
+   one torchserve, one-row JSON requests taking turns on one keep-alive connection: int8 against fp32
+   served (target >= 1.3x) and int8's served calls/s against its in-process ones (target >= 0.9x).
 
 Writes benchmarks/results/kernels.{md,json} and prints the table, with the CPU's features.
 """
@@ -15,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -27,9 +32,14 @@ sys.path[:0] = [str(REPO / "benchmarks"), str(REPO / "benchmarks" / "models")]
 
 from cpu_speed import Report, machine, read_bandwidth, take_turns  # noqa: E402
 
+from aitune_core.archive import ArchiveOptions, archive_model  # noqa: E402
 from aitune_core.backends import make_backend  # noqa: E402
 from aitune_core.kernels import build, ops  # noqa: E402
 from aitune_core.kernels.quantize import pack_int4, quantize_int8  # noqa: E402
+from integration.load import KeepAliveConnection, post_request  # noqa: E402 (tests/ on the path through cpu_speed)
+from integration.torchserve import TorchServe  # noqa: E402
+
+INT8_CPU = {"backend": "weight-only", "quantization": "int8wo", "compile": True}
 
 
 def best_seconds(call: Callable[[], Any], repeats: int) -> float:
@@ -95,7 +105,7 @@ def mlp(report: Report, rounds: int) -> dict[str, Any]:
     x = torch.randn(1, 1024)
     contenders: dict[str, Callable[[], Any]] = {}
     for name, backend in {"fp32 eager": make_backend("eager"), "fp32 eager copy": make_backend("eager"),
-                          "int8wo-cpu+compile": make_backend("weight-only", "int8wo", compile=True),
+                          "int8wo-cpu+compile": make_backend(**INT8_CPU),
                           "int4wo-cpu+compile": make_backend("weight-only", "int4wo", compile=True)}.items():
         backend.build(BigMLP().eval(), None, [x], "cpu")
         contenders[name] = lambda backend=backend: backend.infer(x)
@@ -105,6 +115,52 @@ def mlp(report: Report, rounds: int) -> dict[str, Any]:
         report.add(f"1024-4096-1024 MLP, 1 row, in-process: {name} / fp32 eager", 1 / medians[name],
                    1 / medians["fp32 eager"], "calls/s", True, target=1.3 if name.startswith("int8") else None,
                    floor=floor)
+    return {name: round(seconds * 1e3, 3) for name, seconds in medians.items()}
+
+
+def served_mlp(report: Report, rounds: int, in_process_ms: dict[str, float]) -> dict[str, Any]:
+    """Section 4: the MLP's archives served at one row a request (median ms a request each)."""
+    from mlp_big import BigMLP
+
+    archives = {"fp32 eager": {"backend": "eager"}, "fp32 eager copy": {"backend": "eager"},
+                "int8wo-cpu+compile": INT8_CPU}
+    model_names = {name: name.split("+")[0].replace(" ", "_").replace("-", "_") for name in archives}
+    work = Path(tempfile.mkdtemp(prefix="aitune-kernels-"))
+    try:
+        torch.manual_seed(0)
+        torch.save(BigMLP().state_dict(), work / "mlp.pt")
+        torch.save(torch.randn(1, 1024), work / "sample.pt")
+        for name, changes in archives.items():
+            archive_model(ArchiveOptions(model_name=model_names[name], model_file=REPO / "benchmarks" / "models" /
+                                         "mlp_big.py", weights=work / "mlp.pt", samples=[work / "sample.pt"],
+                                         export_path=work / "store", **changes))
+        server = TorchServe(work / "ts", work / "store", {m: f"{m}.mar" for m in model_names.values()}).start()
+        try:
+            for model in model_names.values():
+                server.wait_ready(model, timeout=600)
+            connection = KeepAliveConnection(server.inference_port, timeout=600)
+            body = json.dumps(torch.randn(1, 1024).round(decimals=4).tolist()).encode()
+
+            def request(model: str) -> Callable[[], Any]:
+                prepared = post_request(server, model, body)
+
+                def send() -> None:
+                    status, reply = connection.post(prepared)
+                    assert status == 200, reply[:300]
+                return send
+
+            medians = take_turns({name: request(model) for name, model in model_names.items()}, rounds)
+            connection.close()
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report.add("1024-4096-1024 MLP, 1 row, served: int8wo-cpu+compile / fp32 eager archive",
+               1 / medians["int8wo-cpu+compile"], 1 / medians["fp32 eager"], "calls/s", True, target=1.3,
+               floor=medians["fp32 eager copy"] / medians["fp32 eager"])
+    for name, target in (("int8wo-cpu+compile", 0.9), ("fp32 eager", None)):
+        report.add(f"1024-4096-1024 MLP, 1 row: {name} served / in-process", 1 / medians[name],
+                   1e3 / in_process_ms[name], "calls/s", True, target=target)
     return {name: round(seconds * 1e3, 3) for name, seconds in medians.items()}
 
 
@@ -119,6 +175,7 @@ def main() -> None:
     details: dict[str, Any] = {"kernels": build.describe(), "bandwidth_GBps": round(read_bandwidth(), 1)}
     details["products"] = kernels(report, size, count, repeats, details["bandwidth_GBps"])
     details["mlp_ms"] = mlp(report, rounds)
+    details["mlp_served_ms"] = served_mlp(report, rounds, details["mlp_ms"])
     args.out.mkdir(parents=True, exist_ok=True)
     text = (f"CPU weight-only kernels ({'quick' if args.quick else 'full'}), {machine()}\n{details['kernels']}\n\n"
             f"{report.markdown()}\n\nRead bandwidth {details['bandwidth_GBps']} GB/s; per product: "

@@ -38,6 +38,7 @@ class Prepared:
     samples: list[Sample]
     options: GenerateOptions
     tokenizer: Any
+    sequences: list[tuple[list[int], list[int]]] | None = None  # the held prompts' fp32 continuations, made once
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[Decoder]:
@@ -60,15 +61,22 @@ class Prepared:
         saved = self.tokenizer.save_pretrained(str(directory))
         return [config, *sorted({Path(path) for path in saved if Path(path).is_file()})]
 
+    def measure_gate(self, infer: Callable[..., torch.Tensor], min_top1: float | None,
+                     max_kl: float | None) -> gate.GenerationGate:
+        """``infer`` teacher-forced against the reference on the held prompts' continuations (the defaults where
+        a bound is None)."""
+        with self.reference() as reference:
+            if self.sequences is None:
+                self.sequences = gate.continuations(reference, self.tokenizer, self.options)
+            return gate.measure(reference, infer, self.sequences, self.options,
+                                gate.MIN_TOP1 if min_top1 is None else min_top1,
+                                gate.MAX_KL if max_kl is None else max_kl)
+
     def check(self, backend: Backend, progress: Callable[[str], None], min_top1: float | None,
               max_kl: float | None) -> dict[str, Any]:
         """The generation gate of the built backend, and one real request through the engine; the request section."""
-        with self.reference() as reference:
-            sequences = gate.continuations(reference, self.tokenizer, self.options)
-            result = gate.measure(reference, backend.infer, sequences, self.options,
-                                  gate.MIN_TOP1 if min_top1 is None else min_top1,
-                                  gate.MAX_KL if max_kl is None else max_kl)
-        progress(f"Generation gate (teacher-forced, {len(sequences)} held prompts): {result.describe()}")
+        result = self.measure_gate(backend.infer, min_top1, max_kl)
+        progress(f"Generation gate (teacher-forced, {len(self.sequences)} held prompts): {result.describe()}")
         if not result.passed:
             raise ArchiveError(f"Generation accuracy gate failed: {result.describe()}; try another quantization, or "
                                "accept it with --min-top1 / --max-kl")

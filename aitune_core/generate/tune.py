@@ -18,6 +18,7 @@ from aitune_core.backend import Backend
 from aitune_core.errors import ArchiveError, UnsupportedDeviceError
 from aitune_core.generate import gate
 from aitune_core.generate.engine import Engine
+from aitune_core.generate.prepare import Prepared
 from aitune_core.generate.request import parse
 from aitune_core.graph_spec import GraphSpec
 from aitune_core.precision import missing_support
@@ -63,13 +64,11 @@ def decode_rate(infer: Callable[..., torch.Tensor], tokenizer: Any, options: Any
     return STEPS / max(best(long) - best(short), 1e-9)
 
 
-def tune_generation(prepared: Any, graph_spec: GraphSpec, device: torch.device, names: tuple[str, ...] | None,
+def tune_generation(prepared: Prepared, graph_spec: GraphSpec, device: torch.device, names: tuple[str, ...] | None,
                     min_top1: float | None, max_kl: float | None,
                     progress: Callable[[str], None]) -> tuple[Backend, list[Ranked], str]:
     """The fastest candidate within the gate (built, ACTIVE), every candidate's line, and why it won."""
     names = [EAGER, *[name for name in (names or CANDIDATES) if name != EAGER]]
-    with prepared.reference() as reference:
-        sequences = gate.continuations(reference, prepared.tokenizer, prepared.options)
     rows, built = [], {}
     for index, name in enumerate(names):
         progress(f"tuning {index + 1}/{len(names)} {name} on {device}")
@@ -92,10 +91,7 @@ def tune_generation(prepared: Any, graph_spec: GraphSpec, device: torch.device, 
             started = time.perf_counter()
             backend.build(prepared.module, graph_spec, prepared.samples, device)
             row.build_s = round(time.perf_counter() - started, 1)
-            with prepared.reference() as reference:
-                result = gate.measure(reference, backend.infer, sequences, prepared.options,
-                                      gate.MIN_TOP1 if min_top1 is None else min_top1,
-                                      gate.MAX_KL if max_kl is None else max_kl)
+            result = prepared.measure_gate(backend.infer, min_top1, max_kl)
             row.top1, row.kl = round(result.top1, 4), round(result.kl, 5)
             if not result.passed:
                 row.outcome = f"out: generation gate ({result.describe()})"
