@@ -38,6 +38,7 @@ from aitune_core.checkpoint import CHECKPOINT_NAME, MANIFEST_NAME, save_checkpoi
 from aitune_core.devices import parse_device
 from aitune_core.errors import AITuneError, ArchiveError, ConfigError
 from aitune_core.generate.decoder import KV_CACHE_DTYPES
+from aitune_core.generate.request import MAX_STREAM_INTERVAL
 from aitune_core.graph_spec import GraphSpec, Sample
 from aitune_core.hf import TASKS
 from aitune_core.kserve import KServeOptions, add_arguments as add_kserve_arguments, options_from, write_layout
@@ -72,6 +73,7 @@ class ArchiveOptions:
     max_context: int | None = None  # text-generation: prompt + generated tokens (default: the model's, at most 2048)
     max_batch: int | None = None  # text-generation: sequences decoded together (default 8)
     kv_cache_dtype: str | None = None  # text-generation: float32 (default) or bfloat16
+    stream_interval: int | None = None  # text-generation: decode steps a streamed reply carries (default 1)
     min_top1: float | None = None  # text-generation's gate: teacher-forced top-1 agreement (default 0.90)
     max_kl: float | None = None  # and mean KL divergence against fp32 (default 0.10)
     model_class: str | None = None
@@ -289,9 +291,9 @@ def _hf_source(options: ArchiveOptions, progress: Callable[[str], None]) -> _Sou
     if task_of(options.hf_model, options.task) == GENERATION:
         return _generation_source(options, progress, list(PACKAGES))
     if any(value is not None for value in (options.max_context, options.max_batch, options.kv_cache_dtype,
-                                           options.min_top1, options.max_kl)):
-        raise ArchiveError("--max-context, --max-batch, --kv-cache-dtype, --min-top1 and --max-kl apply to text "
-                           "generation only")
+                                           options.stream_interval, options.min_top1, options.max_kl)):
+        raise ArchiveError("--max-context, --max-batch, --kv-cache-dtype, --stream-interval, --min-top1 and --max-kl "
+                           "apply to text generation only")
     prepared = prepare(options.hf_model, options.task, options.sample_texts, options.text_max_tokens,
                        options.max_batch_size)
     spec = prepared.spec
@@ -341,7 +343,11 @@ def _generation_source(options: ArchiveOptions, progress: Callable[[str], None],
     if options.kv_cache_dtype is not None and options.precision is not None:
         raise ArchiveError(f"--precision {options.precision} casts the whole decoder, its KV cache included: leave out "
                            "--kv-cache-dtype")
+    if options.stream_interval is not None and not 1 <= options.stream_interval <= MAX_STREAM_INTERVAL:
+        raise ArchiveError(f"--stream-interval must be between 1 and {MAX_STREAM_INTERVAL} (decode steps a streamed "
+                           f"reply carries), got {options.stream_interval}")
     prepared = prepare(options.hf_model, options.max_context, options.max_batch, options.kv_cache_dtype or "float32")
+    prepared.options.stream_interval = options.stream_interval or 1
     config = prepared.module.config
 
     def tune(graph_spec: GraphSpec, device: torch.device, tune_options: TuneOptions) -> tuple[Backend, float]:
@@ -466,10 +472,10 @@ def _check_options(options: ArchiveOptions) -> tuple[Backend, torch.device]:
         if not options.samples:
             raise ArchiveError("--sample is required: a torch.save file with the model's inputs")
         if any(value is not None for value in (options.task, options.sample_texts, options.max_context,
-                                               options.max_batch, options.kv_cache_dtype, options.min_top1,
-                                               options.max_kl)):
-            raise ArchiveError("--task, --sample-texts, --max-context, --max-batch, --kv-cache-dtype, --min-top1 and "
-                               "--max-kl apply with --hf-model only")
+                                               options.max_batch, options.kv_cache_dtype, options.stream_interval,
+                                               options.min_top1, options.max_kl)):
+            raise ArchiveError("--task, --sample-texts, --max-context, --max-batch, --kv-cache-dtype, "
+                               "--stream-interval, --min-top1 and --max-kl apply with --hf-model only")
     if options.text_max_tokens is not None and options.text_max_tokens < 1:
         raise ArchiveError(f"--text-max-tokens must be at least 1, got {options.text_max_tokens}")
     checked = [("--model-file", options.model_file), ("--weights", options.weights),
@@ -638,6 +644,10 @@ def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
     generation.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
                             help="what the KV cache holds: float32 (default) or bfloat16 (half its memory and of "
                                  "the bytes a decode step reads from it; the gate holds it against fp32)")
+    generation.add_argument("--stream-interval", type=int,
+                            help="decode steps a streamed reply carries at least (default 1: every token; more: "
+                                 "fewer round trips through TorchServe, text in bursts; a request's "
+                                 "'stream_interval' overrides it)")
     generation.add_argument("--min-top1", type=float, help="gate: teacher-forced next-token top-1 agreement with "
                                                            "fp32 (default 0.90)")
     generation.add_argument("--max-kl", type=float, help="gate: mean KL divergence of the next-token distributions "
@@ -721,7 +731,8 @@ def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
     return ArchiveOptions(
         model_name=args.model_name, model_file=args.model_file, samples=args.samples, model_class=args.model_class,
         hf_model=args.hf_model, task=args.task, sample_texts=args.sample_texts, max_context=args.max_context,
-        max_batch=args.max_batch, kv_cache_dtype=args.kv_cache_dtype, min_top1=args.min_top1, max_kl=args.max_kl,
+        max_batch=args.max_batch, kv_cache_dtype=args.kv_cache_dtype,
+        stream_interval=args.stream_interval, min_top1=args.min_top1, max_kl=args.max_kl,
         model_kwargs=model_kwargs, weights=args.weights, backend=args.backend, quantization=args.quantization,
         checkpoint_weights=args.checkpoint_weights, compile=args.compile, precision=args.precision,
         compile_at=args.compile_at, device=args.device, export_path=args.export_path,

@@ -64,8 +64,30 @@ class GenerateCodec:
         engine = Engine(backend.infer, self.tokenizer, self.options)
         outcomes = []
         for index, request in enumerate(decoded):
-            stream = request.stream and send is not None
-            emit = (lambda piece, index=index: send(index, {"text": piece})) if stream else None
-            generation = engine.generate(request, emit)
-            outcomes.append(Outcome(200, generation.last_chunk("") if stream else generation))
+            if not (request.stream and send is not None):
+                outcomes.append(Outcome(200, engine.generate(request)))
+                continue
+            paced = Paced(lambda text, index=index: send(index, {"text": text}), request.stream_interval)
+            generation = engine.generate(request, paced)
+            outcomes.append(Outcome(200, generation.last_chunk(paced.rest())))
         return outcomes
+
+
+class Paced:
+    """A stream's pieces of text sent the first at once, then ``interval`` pieces joined in one send (the
+    request's ``stream_interval``); ``rest`` is the text not sent yet, for the stream's last chunk."""
+
+    def __init__(self, send_text: Callable[[str], None], interval: int) -> None:
+        self.send_text, self.interval = send_text, interval
+        self.pending: list[str] = []
+        self.sent = 0
+
+    def __call__(self, piece: str) -> None:
+        self.pending.append(piece)
+        if not self.sent or len(self.pending) >= self.interval:
+            self.send_text(self.rest())
+            self.sent += 1
+
+    def rest(self) -> str:
+        text, self.pending = "".join(self.pending), []
+        return text

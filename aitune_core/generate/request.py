@@ -13,8 +13,9 @@ from typing import Any
 from aitune_core.errors import BadRequestError
 from aitune_core.generate.sampling import SamplingParams
 
-KEYS = ("prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream")
+KEYS = ("prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_interval")
 MAX_STOPS = 16
+MAX_STREAM_INTERVAL = 64
 MIN_TEMPERATURE = 1e-4
 
 
@@ -28,6 +29,9 @@ class GenerateOptions:
     eos_token_ids: list[int]
     max_new_tokens: int = 64  # when a request names none (capped by what its context leaves)
     max_prompt_chars: int = 1_000_000
+    # The decode steps a lone stream's reply carries at least (the last may carry fewer; the first token goes
+    # out at once): fewer round trips through TorchServe's frontend, text in bursts (vLLM's --stream-interval).
+    stream_interval: int = 1
     # The decoder takes an attention window (a 4th input, see decoder.py); archives made before it take 3.
     attention_window: bool = False
     gate: dict[str, Any] | None = None  # the generation gate's figures at archive time
@@ -50,6 +54,7 @@ class GenerateRequest:
     sampling: SamplingParams
     stops: list[str]
     stream: bool
+    stream_interval: int = 1  # see GenerateOptions.stream_interval
 
 
 def _number(value: Any, name: str) -> float:
@@ -128,6 +133,10 @@ def build(fields: dict[str, Any], prompt_ids: list[int], options: GenerateOption
     stream = fields.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequestError(f"'{name('stream')}' must be true or false, got {stream!r}")
+    interval = _integer(fields.get("stream_interval", options.stream_interval), name("stream_interval"))
+    if not 1 <= interval <= MAX_STREAM_INTERVAL:
+        raise BadRequestError(f"'{name('stream_interval')}' must be between 1 and {MAX_STREAM_INTERVAL} (decode steps "
+                              f"a streamed reply carries), got {interval}")
     return GenerateRequest(prompt_ids=list(prompt_ids), max_new_tokens=max_new,
                            sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
-                           stops=stops, stream=stream)
+                           stops=stops, stream=stream, stream_interval=interval)

@@ -190,16 +190,19 @@ class GenerateService:
         if self.batcher.live and (len(self.batcher.live) <= RUN_AHEAD_LIVE or (
                 ran_ahead and live_before <= RUN_AHEAD_LIVE)):
             self.call_waiting.clear()
-            self.stepping = self.model_thread.submit(self._run_ahead)
+            interval = max((self.running[key].generate_request.stream_interval for key in self.batcher.live
+                            if key in self.running), default=1)
+            self.stepping = self.model_thread.submit(self._run_ahead, interval)
         self._report()
         return [replies[request_id] for request_id, _, _ in requests]
 
-    def _run_ahead(self) -> dict[str, Progress]:
-        """On the model thread: a step, then more while a lone stream decodes and no call has come (at most
-        ``RUN_AHEAD_STEPS``); what each request did in them all."""
+    def _run_ahead(self, interval: int) -> dict[str, Progress]:
+        """On the model thread: a step, then more while a lone stream decodes, until a call has come and
+        ``interval`` steps ran (at most ``RUN_AHEAD_STEPS``, or ``interval`` where that is more); what each request
+        did in them all. A call waits for its ``interval`` steps: one round trip through the frontend for them."""
         done = self.batcher.advance()
-        for _ in range(RUN_AHEAD_STEPS - 1):
-            if self.call_waiting.is_set() or not 0 < len(self.batcher.live) <= RUN_AHEAD_LIVE:
+        for steps in range(1, max(RUN_AHEAD_STEPS, interval)):
+            if (self.call_waiting.is_set() and steps >= interval) or not 0 < len(self.batcher.live) <= RUN_AHEAD_LIVE:
                 break
             for key, progress in self.batcher.advance().items():
                 done[key] = merged(done[key], progress) if key in done else progress

@@ -123,9 +123,16 @@ def test_request_checks(tokenizer):
                           ({"prompt": "hi", "top_p": float("nan")}, "'top_p' must be a finite number, got nan"),
                           ({"prompt": "hi", "stop": ["a"] * 17}, "at most 16"),
                           ({"prompt": "word " * 80}, "the archive's context holds 64 tokens"),
-                          ([1], "expected a JSON object with 'prompt'")):
+                          ([1], "expected a JSON object with 'prompt'"),
+                          ({"prompt": "hi", "stream_interval": 0}, "'stream_interval' must be between 1 and 64"),
+                          ({"prompt": "hi", "stream_interval": 65}, "'stream_interval' must be between 1 and 64"),
+                          ({"prompt": "hi", "stream_interval": "2"}, "'stream_interval' must be an integer")):
         with pytest.raises(BadRequestError, match=message.replace("(", r"\(")):
             parse(body, tokenizer, options)
+    assert request.stream_interval == 1 and parse({"prompt": "hi", "stream_interval": 4}, tokenizer,
+                                                  options).stream_interval == 4
+    options.stream_interval = 3  # the archive's --stream-interval: what a request that names none gets
+    assert parse("hi", tokenizer, options).stream_interval == 3
 
 
 def test_folders_that_cannot_be_served(folders, tmp_path):
@@ -257,6 +264,9 @@ def test_a_bf16_kv_cache_decodes_close_to_fp32_and_refuses_other_dtypes(folders,
     with pytest.raises(ArchiveError, match="--precision bf16 casts the whole decoder, its KV cache included"):
         archive_model(ArchiveOptions(model_name="kv", hf_model=folders["llama"], precision="bf16",
                                      kv_cache_dtype="bfloat16", export_path=tmp_path, archive_format="no-archive"))
+    with pytest.raises(ArchiveError, match="--stream-interval must be between 1 and 64 .*, got 0"):
+        archive_model(ArchiveOptions(model_name="kv", hf_model=folders["llama"], stream_interval=0,
+                                     export_path=tmp_path, archive_format="no-archive"))
     assert not any(tmp_path.iterdir())
 
 

@@ -190,6 +190,49 @@ def test_a_lone_stream_runs_steps_ahead_until_a_call_comes(model, prepared):
     assert service.stepping is None and not service.running and len(service.batcher.free_slots) == 4
 
 
+@pytest.mark.parametrize("interval", [3, RUN_AHEAD_STEPS + 2])
+def test_a_stream_interval_makes_each_call_carry_that_many_steps(model, prepared, interval):
+    """With ``stream_interval`` N, a call waits for N steps of the lone stream (the first token still comes in its
+    own call): one round trip through the frontend for N tokens, and the same text."""
+    body = {"prompt": "def f(a, b):", "max_new_tokens": 4 * interval, "stream": True, "stream_interval": interval}
+    expected = Engine(prepared.module, prepared.tokenizer, prepared.options).generate(
+        parse(body, prepared.tokenizer, prepared.options))
+    assert len(expected.tokens) > 2 * interval  # the tiny model does not stop early on this prompt
+    service = GenerateService(model)
+    steps_ahead, run_ahead = [], service._run_ahead
+
+    def counted(interval):
+        before = len(service.batcher.live["a"].sequence.tokens)
+        done = run_ahead(interval)
+        steps_ahead.append(len(done["a"].generation.tokens if done["a"].generation else
+                               service.batcher.live["a"].sequence.tokens) - before)
+        return done
+
+    service._run_ahead = counted
+    bodies, replies = run(service, {"a": rest(body)})
+    assert "".join(piece["text"] for piece in json_pieces(bodies["a"])) == expected.text
+    assert 1 + sum(steps_ahead) == len(expected.tokens)  # the first step in the first call, the rest ahead
+    assert all(count >= interval for count in steps_ahead[:-1]) and len(steps_ahead) >= 2
+    assert len(replies["a"]) == 1 + len(steps_ahead)
+
+
+def test_a_stream_interval_where_each_request_runs_alone(model, prepared):
+    """Without continuous batching (the codec's own loop, TorchServe's intermediate responses), the first piece
+    goes out at once and then every ``stream_interval`` pieces in one send; the last chunk carries the rest."""
+    body = {"prompt": "def f(a, b):", "max_new_tokens": 20, "stream": True}
+    codec = model.codec
+    sent = {1: [], 4: []}
+    outcomes = {interval: codec.answer(model.backend, [codec.decode(body | {"stream_interval": interval})],
+                                       lambda index, value, interval=interval: sent[interval].append(value["text"]))
+                for interval in sent}
+    for interval in sent:
+        [outcome] = outcomes[interval]
+        assert "".join(sent[interval]) + outcome.output["text"] == "".join(sent[1]) + outcomes[1][0].output["text"]
+    assert len(sent[1]) > 8  # a piece a token, nearly
+    assert sent[4][0] == sent[1][0]  # the first piece at once
+    assert sent[4][1:] == ["".join(sent[1][i:i + 4]) for i in range(1, len(sent[1]) - 3, 4)]
+
+
 def test_a_step_that_fails_unexpectedly_fails_its_requests_and_the_next_are_served(model, monkeypatch):
     service = GenerateService(model)
     body = {"prompt": "x", "max_new_tokens": 4 * RUN_AHEAD_STEPS, "stream": True}
@@ -296,9 +339,10 @@ def test_archive_packs_continuous_batching(tmp_path, prepared):
     own = tmp_path / "model-config.yaml"
     own.write_text("jobQueueSize: 8\nresponseTimeout: 300\n")
     archive_model(ArchiveOptions(model_name="llm", hf_model=prepared.folder, backend="eager", max_batch=4,
-                                 config_file=own, export_path=tmp_path))
+                                 stream_interval=3, config_file=own, export_path=tmp_path))
     with zipfile.ZipFile(tmp_path / "llm.mar") as mar:
         config = yaml.safe_load(mar.read("model-config.yaml"))
+        assert json.loads(mar.read("aitune_manifest.json"))["request"]["stream_interval"] == 3
     assert config == {"jobQueueSize": 8, "responseTimeout": 300, "continuousBatching": True, "batchSize": 4,
                       "maxBatchDelay": 5}
     own.write_text("continuousBatching: false\n")  # one request at a time: nothing added

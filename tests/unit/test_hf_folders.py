@@ -216,6 +216,7 @@ def test_with_one_mask():
     (["--hf-model", "DIR", "--sample", "s.pt"], "leave out --sample"),
     (["--model-file", "m.py", "--sample", "s.pt", "--task", "fill-mask"], "apply with --hf-model only"),
     (["--model-file", "m.py", "--sample", "s.pt", "--kv-cache-dtype", "bfloat16"], "apply with --hf-model only"),
+    (["--model-file", "m.py", "--sample", "s.pt", "--stream-interval", "2"], "apply with --hf-model only"),
 ])
 def test_cli_flag_mixups_are_one_line_errors(tmp_path, capsys, argv, message):
     folder = tmp_path / "DIR"
@@ -228,8 +229,10 @@ def test_cli_flag_mixups_are_one_line_errors(tmp_path, capsys, argv, message):
 
 def test_generation_flags_on_an_encoder_folder_are_one_line_errors(folders, tmp_path, capsys):
     argv = ["--model-name", "m", "--export-path", str(tmp_path), "--hf-model", str(folders["text-classification"])]
-    assert archive_main([*argv, "--kv-cache-dtype", "bfloat16"]) == 1
-    assert "--kv-cache-dtype, --min-top1 and --max-kl apply to text generation only" in capsys.readouterr().err
+    for flag in (["--kv-cache-dtype", "bfloat16"], ["--stream-interval", "4"]):
+        assert archive_main([*argv, *flag]) == 1
+        assert ("--kv-cache-dtype, --stream-interval, --min-top1 and --max-kl apply to text generation only"
+                in capsys.readouterr().err)
 
 
 def test_both_or_neither_source_is_a_usage_error(tmp_path):
