@@ -105,7 +105,7 @@ def mlp(report: Report, rounds: int) -> dict[str, Any]:
     x = torch.randn(1, 1024)
     contenders: dict[str, Callable[[], Any]] = {}
     for name, backend in {"fp32 eager": make_backend("eager"), "fp32 eager copy": make_backend("eager"),
-                          "int8wo-cpu+compile": make_backend(**INT8_CPU),
+                          "int8wo-cpu+compile": make_backend("weight-only", "int8wo", compile=True),
                           "int4wo-cpu+compile": make_backend("weight-only", "int4wo", compile=True)}.items():
         backend.build(BigMLP().eval(), None, [x], "cpu")
         contenders[name] = lambda backend=backend: backend.infer(x)
