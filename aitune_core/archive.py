@@ -645,9 +645,9 @@ def parse_args(argv: list[str] | None = None) -> ArchiveOptions:
                             help="what the KV cache holds: float32 (default) or bfloat16 (half its memory and of "
                                  "the bytes a decode step reads from it; the gate holds it against fp32)")
     generation.add_argument("--stream-interval", type=int,
-                            help="decode steps a streamed reply carries at least (default 1: every token; more: "
-                                 "fewer round trips through TorchServe, text in bursts; a request's "
-                                 "'stream_interval' overrides it)")
+                            help="decode steps a streamed reply carries at least (pieces of text where each request "
+                                 "runs alone; default 1: every token; more: fewer round trips through TorchServe, "
+                                 "text in bursts; a request's 'stream_interval' overrides it)")
     generation.add_argument("--min-top1", type=float, help="gate: teacher-forced next-token top-1 agreement with "
                                                            "fp32 (default 0.90)")
     generation.add_argument("--max-kl", type=float, help="gate: mean KL divergence of the next-token distributions "

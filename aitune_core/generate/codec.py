@@ -1,9 +1,10 @@
 """The codec of a text-generation archive: a request's JSON in, the engine run on the backend, its answer out.
 
 TorchServe's JSON (``/predictions``) and gRPC ``Predictions``/``StreamPredictions`` carry it. A request
-with ``"stream": true`` has each new piece of text sent as soon as it is decoded (``{"text": piece}``,
-through the ``send`` the handler gives: TorchServe's intermediate responses) and ends with
-``{"text": "", "finish_reason", "usage"}``; otherwise one answer ``{"text", "finish_reason", "usage"}``.
+with ``"stream": true`` has its text sent as it is decoded (``{"text": ...}``, through the ``send`` the
+handler gives: TorchServe's intermediate responses; the first piece at once, then ``stream_interval`` pieces
+a send) and ends with ``{"text": rest, "finish_reason", "usage"}``; otherwise one answer ``{"text",
+"finish_reason", "usage"}``.
 This is the path of a worker that answers one request at a time; under TorchServe's continuous batching
 ``service.py`` answers instead (one chunk a decode step, the last one carrying the rest of the text).
 """

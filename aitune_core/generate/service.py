@@ -68,6 +68,13 @@ class Running:
     call: Call | openai.OpenAICall
     stream: bool
     replied: bool = False  # a first reply went out: the status and content type are sent
+    sent_text: bool = False  # some text went out: from then on its stream_interval holds its replies back
+
+    @property
+    def interval(self) -> int:
+        """Steps its next reply waits for: its ``stream_interval`` once a stream has sent text (the first text
+        goes out at once, even after tokens that made none), else 1."""
+        return self.generate_request.stream_interval if self.stream and self.sent_text else 1
 
     @property
     def generate_request(self) -> GenerateRequest:
@@ -75,6 +82,7 @@ class Running:
 
     def reply(self, progress: Progress, model: Any) -> Reply:
         first, self.replied = not self.replied, True
+        self.sent_text = self.sent_text or bool(progress.text)
         reply = self._openai(progress, first) if isinstance(self.call, openai.OpenAICall) else self._json(
             progress, first, model)
         if reply.more is None and (not first or self.request.is_grpc):  # gRPC's stream reads the header always
@@ -141,7 +149,10 @@ class GenerateService:
                                lambda *observation: self.observed.append(observation))
         self.running: dict[str, Running] = {}
         self.stepping: concurrent.futures.Future | None = None
-        self.call_waiting = threading.Event()  # set by a call: the steps running ahead stop at the next one
+        # Set by a call: the steps running ahead stop at the next one, once the stream's interval ran; at once
+        # where the call changes the batch (an arrival joins sooner, a client gone costs no more steps).
+        self.call_waiting = threading.Event()
+        self.call_changes = threading.Event()
         # Every step runs on this one thread; so should everything else that runs the model (the handler loads it
         # there): torch's OpenMP keeps a team of threads for each thread that runs it, and with more threads than
         # cores it stops spinning between parallel regions (measured: a 254M decode step 8 -> 24 ms once a
@@ -152,6 +163,9 @@ class GenerateService:
         """``(request id, parameters, headers)`` of every request of the call (a running one has no parameters)
         -> each one's reply, in order."""
         ran_ahead = self.stepping is not None
+        ids = {request_id for request_id, _, _ in requests}
+        if ids != set(self.running):  # an arrival, or a client gone: the steps ahead stop at the next one
+            self.call_changes.set()
         self.call_waiting.set()
         stepped = self._collect(self.stepping) if ran_ahead else None
         replies: dict[str, Reply] = {}
@@ -190,8 +204,9 @@ class GenerateService:
         if self.batcher.live and (len(self.batcher.live) <= RUN_AHEAD_LIVE or (
                 ran_ahead and live_before <= RUN_AHEAD_LIVE)):
             self.call_waiting.clear()
-            interval = max((self.running[key].generate_request.stream_interval for key in self.batcher.live
-                            if key in self.running), default=1)
+            self.call_changes.clear()
+            interval = min((self.running[key].interval for key in self.batcher.live if key in self.running),
+                           default=1)
             self.stepping = self.model_thread.submit(self._run_ahead, interval)
         self._report()
         return [replies[request_id] for request_id, _, _ in requests]
@@ -199,10 +214,12 @@ class GenerateService:
     def _run_ahead(self, interval: int) -> dict[str, Progress]:
         """On the model thread: a step, then more while a lone stream decodes, until a call has come and
         ``interval`` steps ran (at most ``RUN_AHEAD_STEPS``, or ``interval`` where that is more); what each request
-        did in them all. A call waits for its ``interval`` steps: one round trip through the frontend for them."""
+        did in them all. A call waits for its ``interval`` steps (one round trip through the frontend for them),
+        unless it changes the batch."""
         done = self.batcher.advance()
         for steps in range(1, max(RUN_AHEAD_STEPS, interval)):
-            if (self.call_waiting.is_set() and steps >= interval) or not 0 < len(self.batcher.live) <= RUN_AHEAD_LIVE:
+            if (self.call_changes.is_set() or (self.call_waiting.is_set() and steps >= interval)
+                    or not 0 < len(self.batcher.live) <= RUN_AHEAD_LIVE):
                 break
             for key, progress in self.batcher.advance().items():
                 done[key] = merged(done[key], progress) if key in done else progress

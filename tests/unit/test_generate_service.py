@@ -190,30 +190,54 @@ def test_a_lone_stream_runs_steps_ahead_until_a_call_comes(model, prepared):
     assert service.stepping is None and not service.running and len(service.batcher.free_slots) == 4
 
 
+def counting_run_ahead(service, key):
+    """Wrap ``service._run_ahead``: each run's (interval asked, steps of ``key`` it ran) into the list returned."""
+    runs, run_ahead = [], service._run_ahead
+
+    def counted(interval):
+        before = len(service.batcher.live[key].sequence.tokens)
+        done = run_ahead(interval)
+        after = done[key].generation.tokens if done[key].generation else service.batcher.live[key].sequence.tokens
+        runs.append((interval, len(after) - before))
+        return done
+
+    service._run_ahead = counted
+    return runs
+
+
 @pytest.mark.parametrize("interval", [3, RUN_AHEAD_STEPS + 2])
 def test_a_stream_interval_makes_each_call_carry_that_many_steps(model, prepared, interval):
-    """With ``stream_interval`` N, a call waits for N steps of the lone stream (the first token still comes in its
-    own call): one round trip through the frontend for N tokens, and the same text."""
+    """With ``stream_interval`` N, a call waits for N steps of the lone stream once it has sent text (its first
+    token, and its first text, still come at once): one round trip through the frontend for N tokens, the same
+    text."""
     body = {"prompt": "def f(a, b):", "max_new_tokens": 4 * interval, "stream": True, "stream_interval": interval}
     expected = Engine(prepared.module, prepared.tokenizer, prepared.options).generate(
         parse(body, prepared.tokenizer, prepared.options))
     assert len(expected.tokens) > 2 * interval  # the tiny model does not stop early on this prompt
     service = GenerateService(model)
-    steps_ahead, run_ahead = [], service._run_ahead
-
-    def counted(interval):
-        before = len(service.batcher.live["a"].sequence.tokens)
-        done = run_ahead(interval)
-        steps_ahead.append(len(done["a"].generation.tokens if done["a"].generation else
-                               service.batcher.live["a"].sequence.tokens) - before)
-        return done
-
-    service._run_ahead = counted
+    runs = counting_run_ahead(service, "a")
     bodies, replies = run(service, {"a": rest(body)})
     assert "".join(piece["text"] for piece in json_pieces(bodies["a"])) == expected.text
-    assert 1 + sum(steps_ahead) == len(expected.tokens)  # the first step in the first call, the rest ahead
-    assert all(count >= interval for count in steps_ahead[:-1]) and len(steps_ahead) >= 2
-    assert len(replies["a"]) == 1 + len(steps_ahead)
+    assert 1 + sum(steps for _, steps in runs) == len(expected.tokens)  # the first step in the first call
+    assert all(steps >= asked for asked, steps in runs[:-1]) and len(replies["a"]) == 1 + len(runs)
+    asked = [asked for asked, _ in runs]
+    assert set(asked) <= {1, interval} and asked.count(interval) >= 2
+    assert asked[:asked.index(interval)] == [1] * asked.index(interval)  # 1 until the first text went out
+
+
+def test_a_call_that_changes_the_batch_stops_the_steps_ahead(model, prepared):
+    """An arrival beside a lone stream with a long interval joins at the next step, not after the interval."""
+    body = {"prompt": "def f(a, b):", "max_new_tokens": 120, "stream": True, "stream_interval": 64}
+    service = GenerateService(model)
+    runs = counting_run_ahead(service, "a")
+    headers = rest(body)[1]
+    service.step([("a", *rest(body))])
+    while not service.running["a"].sent_text:  # a step a call until its first text went out
+        service.step([("a", {}, headers)])
+    service.step([("a", {}, headers), ("b", *rest({"prompt": "x", "max_new_tokens": 2, "stream": True}))])
+    assert runs[-1][0] == 64 and runs[-1][1] < 32  # the run ahead that call found stopped at its next step, not 64
+    run(service, {"a": rest(body), "b": rest(body)})
+    assert not service.running and len(service.batcher.free_slots) == 4
 
 
 def test_a_stream_interval_where_each_request_runs_alone(model, prepared):
