@@ -271,15 +271,20 @@ def minilm(report: Report, settings: Settings, work: Path) -> dict[str, Any]:
     return details
 
 
-def text_requests(server: TorchServe, connection: KeepAliveConnection, name: str, size: int) -> Callable[[], Any]:
-    """A contender that POSTs the next ``size`` everyday sentences to ``name`` at each call (64 bodies made ahead)."""
-    bodies = [post_request(server, name, json.dumps({"text": texts(size, i)}).encode()) for i in range(64)]
+def posting(connection: KeepAliveConnection, requests: list[bytes]) -> Callable[[], Any]:
+    """A contender that sends the next of ``requests`` (made with ``post_request``) at each call, expecting 200."""
     counter = iter(range(10**9))
 
     def send() -> None:
-        status, body = connection.post(bodies[next(counter) % len(bodies)])
+        status, body = connection.post(requests[next(counter) % len(requests)])
         assert status == 200, body[:300]
     return send
+
+
+def text_requests(server: TorchServe, connection: KeepAliveConnection, name: str, size: int) -> Callable[[], Any]:
+    """A contender that POSTs the next ``size`` everyday sentences to ``name`` at each call (64 bodies made ahead)."""
+    return posting(connection, [post_request(server, name, json.dumps({"text": texts(size, i)}).encode())
+                                for i in range(64)])
 
 
 def served(report: Report, settings: Settings, work: Path, store: Path) -> dict[str, Any]:

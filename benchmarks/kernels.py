@@ -30,7 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "benchmarks"), str(REPO / "benchmarks" / "models")]
 
-from cpu_speed import Report, machine, read_bandwidth, take_turns  # noqa: E402
+from cpu_speed import Report, machine, posting, read_bandwidth, take_turns  # noqa: E402
 
 from aitune_core.archive import ArchiveOptions, archive_model  # noqa: E402
 from aitune_core.backends import make_backend  # noqa: E402
@@ -38,8 +38,6 @@ from aitune_core.kernels import build, ops  # noqa: E402
 from aitune_core.kernels.quantize import pack_int4, quantize_int8  # noqa: E402
 from integration.load import KeepAliveConnection, post_request  # noqa: E402 (tests/ on the path through cpu_speed)
 from integration.torchserve import TorchServe  # noqa: E402
-
-INT8_CPU = {"backend": "weight-only", "quantization": "int8wo", "compile": True}
 
 
 def best_seconds(call: Callable[[], Any], repeats: int) -> float:
@@ -123,7 +121,7 @@ def served_mlp(report: Report, rounds: int, in_process_ms: dict[str, float]) -> 
     from mlp_big import BigMLP
 
     archives = {"fp32 eager": {"backend": "eager"}, "fp32 eager copy": {"backend": "eager"},
-                "int8wo-cpu+compile": INT8_CPU}
+                "int8wo-cpu+compile": {"backend": "weight-only", "quantization": "int8wo", "compile": True}}
     model_names = {name: name.split("+")[0].replace(" ", "_").replace("-", "_") for name in archives}
     work = Path(tempfile.mkdtemp(prefix="aitune-kernels-"))
     try:
@@ -140,16 +138,8 @@ def served_mlp(report: Report, rounds: int, in_process_ms: dict[str, float]) -> 
                 server.wait_ready(model, timeout=600)
             connection = KeepAliveConnection(server.inference_port, timeout=600)
             body = json.dumps(torch.randn(1, 1024).round(decimals=4).tolist()).encode()
-
-            def request(model: str) -> Callable[[], Any]:
-                prepared = post_request(server, model, body)
-
-                def send() -> None:
-                    status, reply = connection.post(prepared)
-                    assert status == 200, reply[:300]
-                return send
-
-            medians = take_turns({name: request(model) for name, model in model_names.items()}, rounds)
+            medians = take_turns({name: posting(connection, [post_request(server, model, body)])
+                                  for name, model in model_names.items()}, rounds)
             connection.close()
         finally:
             server.stop()
