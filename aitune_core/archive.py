@@ -114,6 +114,7 @@ class ArchiveResult:
     fp32_weight_bytes: int
     build_seconds: float
     startup_timeout: str = ""  # what aitune-archive did about TorchServe's startupTimeout, if anything
+    cpu_kernels: list[str] = dataclasses.field(default_factory=list)  # the instruction-set levels of the builds carried
     tuning: list[TuneReport] = dataclasses.field(default_factory=list)
     variants: list[Variant] = dataclasses.field(default_factory=list)
 
@@ -210,7 +211,7 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
     if variants:
         manifest["variants"] = [variant.to_dict() for variant in variants]
         manifest["tuning"] = [report.to_dict() for report in tuning]
-    _package(options, source, checkpoints, _tuning_files(tuning), manifest, model_config, archive_path)
+    _package(options, source, checkpoints, _tuning_files(tuning), manifest, model_config, archive_path, progress)
     return ArchiveResult(
         archive_path=archive_path,
         backend=backend.name,
@@ -221,6 +222,7 @@ def archive_model(options: ArchiveOptions, progress: Callable[[str], None] = log
         fp32_weight_bytes=sum(t.numel() * t.element_size() for t in module.state_dict().values()),
         build_seconds=build_seconds,
         startup_timeout=startup_note,
+        cpu_kernels=manifest.get("cpu_kernels", {}).get("levels", []),
         tuning=tuning,
         variants=variants,
     )
@@ -249,6 +251,8 @@ class _Source:
     # the original the samples' outputs are recorded on, as a context (generation: the decoder with an fp32 KV
     # cache, whatever cache the archive holds); None: ``module`` itself
     original: Callable[[], contextlib.AbstractContextManager[torch.nn.Module]] | None = None
+    # its module runs this project's CPU kernels whatever the backend (a decoder's attention over its KV cache)
+    cpu_kernels: bool = False
 
 
 def _module_file_source(options: ArchiveOptions, progress: Callable[[str], None]) -> _Source:
@@ -320,16 +324,28 @@ def _hf_source(options: ArchiveOptions, progress: Callable[[str], None]) -> _Sou
 
 def continuous_batching(max_batch: int, config: dict[str, Any]) -> dict[str, Any]:
     """The model-config of a text-generation archive: TorchServe's continuous batching of up to ``max_batch``
-    requests (the KV cache's slots; see generate/service.py), 5 ms to gather the first requests of an idle
-    worker, and a queue of 64 requests waiting in the frontend (full: 503); nothing where the user's ``config``
-    turns continuous batching off (the worker then answers one request at a time)."""
+    requests (the KV cache's slots; see generate/service.py) in one worker, 5 ms to gather the first requests of an
+    idle worker, and a queue of 64 requests waiting in the frontend (full: 503); nothing where the user's ``config``
+    turns continuous batching off (each worker then answers one request at a time, and any number of workers can).
+
+    One worker: TorchServe 0.12's continuous batching stalls a model with two (an idle worker waits for the next
+    request holding the model's job-queue lock, which a busy worker needs for each step: its streams stop until a
+    request comes), and its sequence batching, which would avoid it, never restarts a worker that died. One engine
+    with every core is also how a CPU decodes fastest (vLLM and llama.cpp run one per model). A second worker started
+    anyway (a scale-up) refuses to start and says why (``claim_engine``); the first goes on serving."""
     if config.get("continuousBatching") is False:
         return {}
     batch = config.get("batchSize", max_batch)
     if isinstance(batch, int) and batch > max_batch:
         raise ArchiveError(f"--config-file sets batchSize {batch}, but the KV cache holds {max_batch} sequences: "
                            f"give --max-batch {batch}, or a batchSize of at most {max_batch}")
-    return {"continuousBatching": True, "batchSize": max_batch, "maxBatchDelay": 5, "jobQueueSize": 64}
+    for key in ("minWorkers", "maxWorkers"):
+        if config.get(key, 1) != 1:
+            raise ArchiveError(f"--config-file sets {key} {config[key]}: a generation archive batching continuously "
+                               "serves with one worker (TorchServe 0.12 stalls its streams with more); give "
+                               "continuousBatching: false for several workers, each answering one request at a time")
+    return {"continuousBatching": True, "batchSize": max_batch, "maxBatchDelay": 5, "jobQueueSize": 64,
+            "minWorkers": 1, "maxWorkers": 1}
 
 
 def _generation_source(options: ArchiveOptions, progress: Callable[[str], None], packages: list[str]) -> _Source:
@@ -367,7 +383,7 @@ def _generation_source(options: ArchiveOptions, progress: Callable[[str], None],
     return _Source(module=prepared.module, samples=prepared.samples, sample_names="a prompt chunk and a decode step",
                    model_section=prepared.model_section(), write_files=prepared.write_files, packages=packages,
                    check_request=lambda backend: prepared.check(backend, progress, options.min_top1, options.max_kl),
-                   cosine_gate=False, tune=tune, original=prepared.reference,
+                   cosine_gate=False, tune=tune, original=prepared.reference, cpu_kernels=True,
                    worker_settings=lambda user: continuous_batching(config.max_batch, user))
 
 
@@ -548,7 +564,8 @@ def handler_path() -> Path:
 
 
 def _package(options: ArchiveOptions, source: _Source, checkpoints: dict[str, Backend], extra_files: dict[str, bytes],
-             manifest: dict[str, Any], model_config: str | None, archive_path: Path) -> None:
+             manifest: dict[str, Any], model_config: str | None, archive_path: Path,
+             progress: Callable[[str], None]) -> None:
     """Stage checkpoints, model file and manifest, run torch-model-archiver, move the result into place.
 
     ``checkpoints`` maps file names to built backends; the first is TorchServe's serialized file.
@@ -571,8 +588,13 @@ def _package(options: ArchiveOptions, source: _Source, checkpoints: dict[str, Ba
         requirements = files / REQUIREMENTS_NAME
         needs = [package for backend in checkpoints.values() for package in backend.REQUIRES]
         requirements.write_text(bundle_requirements([*needs, *source.packages]))
+        package = staging / "package"
+        cpu_kernels = source.cpu_kernels or any(backend.USES_CPU_KERNELS for backend in checkpoints.values())
+        builds = stage_package(package, cpu_kernels, progress)
+        if builds is not None:  # what the worker picks from: kernels/builds/index.json has each build's sha256
+            manifest["cpu_kernels"] = {"digest": builds["digest"], "torch": builds["torch"],
+                                       "levels": list(builds["levels"])}
         write_manifest(files, manifest, [saved[0], *extra, requirements])
-        package = stage_package(staging / "package")
         command = [
             sys.executable, "-m", "model_archiver.model_packaging",
             "--model-name", options.model_name, "--version", options.version,
@@ -615,6 +637,9 @@ def summary_table(result: ArchiveResult) -> str:
     ]
     if result.startup_timeout:
         rows.append(("startupTimeout", result.startup_timeout))
+    if result.cpu_kernels:
+        rows.append(("CPU kernels", f"built for {', '.join(result.cpu_kernels)}: a worker loads the best its CPU runs, "
+                                    "nothing is compiled at start"))
     for report in result.tuning:
         rows.append((f"tuned on {report.device}", f"{report.options.strategy}: {report.reason}"))
     for variant in result.variants:

@@ -117,6 +117,8 @@ class Backend(abc.ABC):
 
     # Packages a worker needs for this backend beyond torch (an archive's requirements.txt lists them).
     REQUIRES: ClassVar[tuple[str, ...]] = ()
+    # Runs this project's CPU kernels (aitune_core/kernels): an archive then carries their builds.
+    USES_CPU_KERNELS: ClassVar[bool] = False
     STATE_TYPE: ClassVar[str] = "type"
     STATE_FORMAT_VERSION: ClassVar[str] = "format_version"
     FORMAT_VERSION: ClassVar[int] = 1

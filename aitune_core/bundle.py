@@ -10,12 +10,17 @@ TorchServe installs per model when ``install_py_dep_per_model=true``.
 from __future__ import annotations
 
 import ast
+import logging
 import shutil
 import sys
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, packages_distributions, version
 from pathlib import Path
+from typing import Any
 
 import aitune_core
+
+logger = logging.getLogger(__name__)
 
 REQUIREMENTS_NAME = "requirements.txt"
 # Needed by a text model's worker beyond TorchServe and torch (a backend names its own: Backend.REQUIRES).
@@ -25,15 +30,22 @@ TEXT_PACKAGES = ("tokenizers",)
 IMAGE_PACKAGES = {"torch", "numpy", "pyyaml", "psutil", "packaging", "pillow", "torchserve", "aitune-torchserve"}
 
 
-def stage_package(folder: Path) -> Path:
-    """Copy ``aitune_core`` (sources only) into ``folder``; returns ``folder``.
+def stage_package(folder: Path, cpu_kernels: bool = False,
+                  progress: Callable[[str], None] = logger.info) -> dict[str, Any] | None:
+    """Copy ``aitune_core`` (sources only) into ``folder``, with the CPU kernels' builds for every instruction-set
+    level where ``cpu_kernels`` (a worker then loads the one its CPU runs and never compiles); the builds' index, or
+    None.
 
     torch-model-archiver flattens a folder given in ``--extra-files`` into the archive root, so
     it is given ``folder``, whose one entry is ``aitune_core/``.
     """
     source = Path(aitune_core.__file__).resolve().parent
-    shutil.copytree(source, folder / "aitune_core", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    return folder
+    shutil.copytree(source, folder / "aitune_core", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "builds"))
+    if not cpu_kernels:
+        return None
+    from aitune_core.kernels import build
+
+    return build.ship(folder / "aitune_core" / "kernels", progress)
 
 
 def imported_distributions(model_file: Path) -> list[str]:

@@ -128,10 +128,15 @@ def read_bandwidth() -> float:
 
 
 def machine() -> str:
-    features = cpu_features()
-    matrix = [name for name in ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_fp16", "avx512_vnni") if features.get(name)]
-    return (f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
-            f"CPU features: {', '.join(matrix) or 'none of amx/avx512_bf16/vnni'}, torch {torch.__version__}")
+    """The CPU a figure was taken on: its vector features, and the kernels' build it runs."""
+    from aitune_core.kernels.build import levels_here
+
+    features, levels = cpu_features(), levels_here()
+    matrix = [name for name in ("avx2", "avx512_f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_int8",
+                                "amx_bf16") if features.get(name)]
+    return (f"{platform.machine()} ({features.get('cpu_name', 'unknown CPU')}), {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} torch threads, CPU features: {', '.join(matrix) or 'none of avx2/avx512/amx'}"
+            f" (the CPU kernels' {levels[0].name if levels else 'no'} build), torch {torch.__version__}")
 
 
 # -- the 1024-4096-1024 MLP, in-process ---------------------------------------------------------

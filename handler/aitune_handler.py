@@ -29,7 +29,7 @@ from ts.utils.util import PredictionException  # noqa: E402
 from aitune_core.errors import AITuneError  # noqa: E402
 from aitune_core.generate.batcher import METRICS  # noqa: E402
 from aitune_core.generate.codec import GenerateCodec  # noqa: E402
-from aitune_core.generate.service import GenerateService, is_continuous  # noqa: E402
+from aitune_core.generate.service import GenerateService, claim_engine, is_continuous  # noqa: E402
 from aitune_core.serving import answer_batch, batch_failure, load_model, serving_device, settle_heap  # noqa: E402
 from aitune_core.worker_threads import set_worker_threads, threads_from_config  # noqa: E402
 
@@ -69,6 +69,8 @@ class AITuneHandler(BaseHandler):
             return threads, load_model(properties["model_dir"], device, version)
 
         try:
+            # One worker a model batches continuously (claim_engine says why); a second refuses before loading.
+            self.engine = claim_engine(properties["model_dir"], context.model_name) if self.model_thread else None
             threads, self.model = self._on_model_thread(load)
             if isinstance(self.model.codec, GenerateCodec) and self.model_thread is not None:
                 # TorchServe calls handle once a decode step with every running request (see generate/service.py).

@@ -68,7 +68,7 @@ class WeightOnlyBackend(Backend):
     """Runs the module with its Linear layers in int8 or int4 (``aitune_core.kernels``)."""
 
     config_class = WeightOnlyBackendConfig
-    REQUIRES = ("ninja",)  # builds the kernels for the worker's CPU (build.py); without it they fall back
+    USES_CPU_KERNELS = True
 
     def __init__(self, config: WeightOnlyBackendConfig | None = None) -> None:
         super().__init__(config or WeightOnlyBackendConfig())
@@ -94,7 +94,7 @@ class WeightOnlyBackend(Backend):
         _amx_layout(self._module)
 
     def deploy(self, device: torch.device | str | None) -> None:
-        """As ``Backend.deploy``; on a CPU it also builds the kernels and registers them as the ops' CPU
+        """As ``Backend.deploy``; on a CPU it also loads the kernels' build and registers it as the ops' CPU
         implementation now, before requests (and the threads that serve them) arrive, not inside a first product."""
         super().deploy(device)
         if self._device.type == "cpu":

@@ -18,6 +18,9 @@ step run since the last one (more sequences than ``RUN_AHEAD_LIVE``, or an idle 
 before it answers. An arrival beside a stream that runs ahead joins the step that starts, so its first reply is
 empty; a client that went away had the steps ahead computed for nothing.
 
+One worker a model (the archive packs ``minWorkers: 1``, ``maxWorkers: 1``; ``claim_engine`` refuses a second):
+TorchServe 0.12's continuous batching stalls a model's streams when it has two workers (archive.continuous_batching).
+
 A request keeps its protocol: TorchServe's JSON, OpenAI's API (by its URL, ``wire/openai``). A request that
 is not streamed gets empty chunks until its answer. A gRPC call is run to its end alone in its step and
 answered in one message: TorchServe 0.12 ends a ``Predictions`` call at its first reply, and its
@@ -29,12 +32,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import fcntl
 import logging
 import threading
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from aitune_core.codecs import Outcome
-from aitune_core.errors import BadRequestError
+from aitune_core.errors import AITuneError, BadRequestError
 from aitune_core.generate.batcher import Batcher, BusyError, Observe, Progress
 from aitune_core.generate.engine import Engine
 from aitune_core.generate.request import GenerateRequest
@@ -257,6 +262,34 @@ class GenerateService:
             message = f"the request could not be read: {type(error).__name__}: {error}"
             return Reply(openai.error_response(500, message) if is_openai else
                          error_for(request, 500, message, self.model.info))
+
+
+ENGINE_LOCK = ".aitune-engine.lock"
+
+
+class EngineTakenError(AITuneError):
+    """Another worker of the model already runs its continuous-batching engine."""
+
+
+def claim_engine(model_dir: Path | str, model_name: str) -> IO[bytes]:
+    """Make this worker the one that batches the model's requests continuously; keep the returned file open for the
+    worker's life. EngineTakenError where another worker of the model (its workers share ``model_dir``) holds it.
+
+    TorchServe 0.12's continuous batching stalls a model's streams when it has two workers (archive.continuous_batching
+    says why), so a second one (a scale-up) must not start; an ``flock``, which the OS releases when its holder dies,
+    lets the worker TorchServe starts after a crash take over.
+    """
+    handle = open(Path(model_dir) / ENGINE_LOCK, "a+b")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise EngineTakenError(
+            f"model {model_name} already has its one worker: a generation archive batching continuously decodes all "
+            f"its streams in one worker (TorchServe 0.12 stalls them with two), so this one does not start; scale back "
+            f"with PUT /models/{model_name}?min_worker=1&max_worker=1, or archive with continuousBatching: false for "
+            "several workers") from None
+    return handle
 
 
 def is_continuous(model_config: dict[str, Any] | None) -> bool:

@@ -9,6 +9,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 #if defined(AITUNE_AMX)
@@ -74,26 +75,16 @@ void group_blocks(const int8_t* pieces, const float* mult, int64_t m0, int64_t r
 
 }  // namespace
 
-torch::Tensor int8_amx_packed_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor scale) {
-  TORCH_CHECK(aitune_amx::usable(), "int8_amx_packed_mm: the OS did not grant AMX's tile state");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) % 64 == 0,
-              "int8_amx_packed_mm: x must be fp32 [M, K] with K a multiple of 64");
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kChar && packed.size(1) == x.size(1) &&
-                  packed.size(0) % 16 == 0,
-              "int8_amx_packed_mm: packed must be int8 [N, K] (ops.pack_int8_amx) with x's K");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == packed.size(0), "scale must be fp32 [N]");
-  x = x.contiguous(), packed = packed.contiguous(), scale = scale.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
-  auto out = torch::empty({M, N}, x.options());
-  if (M == 0) return out;
+namespace aitune {
+
+void int8_amx_packed_mm(const float* xp, int64_t M, int64_t K, const int8_t* wp, const float* sp, int64_t N,
+                        float* op) {
+  if (M == 0) return;
   thread_local std::vector<int8_t> pieces;
   thread_local std::vector<float> mult;
-  split(x.data_ptr<float>(), M, K, pieces, mult);
+  split(xp, M, K, pieces, mult);
   const int8_t* pp = pieces.data();
   const float* mp = mult.data();
-  const int8_t* wp = packed.data_ptr<int8_t>();
-  const float* sp = scale.data_ptr<float>();
-  float* op = out.data_ptr<float>();
   at::parallel_for(0, N / 16, 6, [&](int64_t first, int64_t last) {
     // A few blocks at a time under every group of rows: the blocks' weights stay in L2 while the groups read them.
     for (int64_t b0 = first; b0 < last; b0 += kBlocksAtATime) {
@@ -116,8 +107,14 @@ torch::Tensor int8_amx_packed_mm(torch::Tensor x, torch::Tensor packed, torch::T
     }
     _tile_release();
   });
-  return out;
 }
+
+}  // namespace aitune
 #else
-torch::Tensor int8_amx_packed_mm(torch::Tensor, torch::Tensor, torch::Tensor) { TORCH_CHECK(false, "built without AMX"); }
+namespace aitune {
+
+// Never called: cpu_ops.cpp runs this layout in ATen where amx_usable() is false, as it is in a build without AMX.
+void int8_amx_packed_mm(const float*, int64_t, int64_t, const int8_t*, const float*, int64_t, float*) {}
+
+}  // namespace aitune
 #endif

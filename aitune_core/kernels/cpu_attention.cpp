@@ -205,37 +205,40 @@ void attend_many(const float* q, int64_t L, int64_t H, int64_t G, int64_t D, int
                  const Cache* keys, const Cache* values, float scale, float* out) {
   int64_t count = 0;
   for (int64_t t = 0; t < L; ++t) count = std::max(count, positions[t] + 1);
-  const auto options = at::TensorOptions().dtype(at::kFloat);
-  auto queries = at::empty({L * G, D}, options);
-  float* rows = queries.data_ptr<float>();
-  for (int64_t t = 0; t < L; ++t) std::memcpy(rows + t * G * D, q + (t * H + head) * D, G * D * sizeof(float));
-  const auto stored = at::TensorOptions().dtype(std::is_same_v<Cache, float> ? at::kFloat : at::kBFloat16);
-  const at::Tensor k = at::from_blob(const_cast<Cache*>(keys), {count, D}, stored).to(at::kFloat);
-  const at::Tensor v = at::from_blob(const_cast<Cache*>(values), {count, D}, stored).to(at::kFloat);
-  auto scores = at::mm(queries, k.t());
-  float* s = scores.data_ptr<float>();
+  thread_local std::vector<float> queries, scores, sums, widened;
+  queries.resize(L * G * D);
+  scores.resize(L * G * count);
+  sums.resize(L * G * D);
+  for (int64_t t = 0; t < L; ++t)
+    std::memcpy(queries.data() + t * G * D, q + (t * H + head) * D, G * D * sizeof(float));
+  const float* k = reinterpret_cast<const float*>(keys);
+  const float* v = reinterpret_cast<const float*>(values);
+  if constexpr (!std::is_same_v<Cache, float>) {
+    widened.resize(2 * count * D);
+    for (int64_t i = 0; i < count * D; ++i) {
+      widened[i] = widen(keys[i]);
+      widened[count * D + i] = widen(values[i]);
+    }
+    k = widened.data();
+    v = widened.data() + count * D;
+  }
+  aitune::matmul(queries.data(), L * G, D, k, count, /*b_transposed=*/true, scores.data());
+  float* s = scores.data();
   for (int64_t t = 0; t < L; ++t)
     for (int64_t g = 0; g < G; ++g) softmax_prefix(s + (t * G + g) * count, positions[t] + 1, count, scale);
-  const auto sums = at::mm(scores, v);
-  const float* o = sums.data_ptr<float>();
-  for (int64_t t = 0; t < L; ++t) std::memcpy(out + (t * H + head) * D, o + t * G * D, G * D * sizeof(float));
+  aitune::matmul(scores.data(), L * G, count, v, D, /*b_transposed=*/false, sums.data());
+  for (int64_t t = 0; t < L; ++t) std::memcpy(out + (t * H + head) * D, sums.data() + t * G * D, G * D * sizeof(float));
 }
 
 constexpr int64_t kGemmRows = 16;  // query rows of one kv head from which two GEMMs beat the loops (L x G)
 
-struct Shape {
-  int64_t B, L, H, D, KV, C;  // rows, tokens a row, query heads, head_dim, kv heads, cache positions
-};
-
 // Every (row, token, kv head) of q over its slot's cache (of ``Cache``: float, or bf16 as its bits), into ``out``.
 template <typename Cache>
-void attend(const Shape& shape, const float* qp, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+void attend(const aitune::AttentionShape& shape, const float* qp, const Cache* kp, const Cache* vp,
             const int64_t* slot, const int64_t* position, float* op) {
   const int64_t B = shape.B, L = shape.L, H = shape.H, D = shape.D, KV = shape.KV, C = shape.C;
   const int64_t G = H / KV;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  const auto* kp = static_cast<const Cache*>(k_cache.data_ptr());
-  const auto* vp = static_cast<const Cache*>(v_cache.data_ptr());
   if (L * G >= kGemmRows) {
     // One task a (row, kv head): its L tokens' G query heads in two GEMMs.
     at::parallel_for(0, B * KV, 1, [&](int64_t i0, int64_t i1) {
@@ -262,58 +265,16 @@ void attend(const Shape& shape, const float* qp, const torch::Tensor& k_cache, c
 
 }  // namespace
 
-torch::Tensor cached_attention(const torch::Tensor& q_in, const torch::Tensor& k_cache_in,
-                               const torch::Tensor& v_cache_in, const torch::Tensor& slots_in,
-                               const torch::Tensor& positions_in) {
-  TORCH_CHECK(q_in.dim() == 4, "cached_attention: q must be [batch, length, heads, head_dim], got ", q_in.sizes());
-  TORCH_CHECK(k_cache_in.dim() == 4 && k_cache_in.sizes() == v_cache_in.sizes(),
-              "cached_attention: the caches must both be [slots, kv_heads, context, head_dim], got ",
-              k_cache_in.sizes(), " and ", v_cache_in.sizes());
-  const int64_t B = q_in.size(0), L = q_in.size(1), H = q_in.size(2), D = q_in.size(3);
-  const int64_t S = k_cache_in.size(0), KV = k_cache_in.size(1), C = k_cache_in.size(2);
-  TORCH_CHECK(k_cache_in.size(3) == D && KV > 0 && H % KV == 0,
-              "cached_attention: the caches' head_dim must be q's (", D, ") and their kv heads divide q's ", H,
-              " heads, got ", k_cache_in.sizes());
-  TORCH_CHECK(!at::isFloatingType(slots_in.scalar_type()) && slots_in.dim() == 1 && slots_in.size(0) == B,
-              "cached_attention: slots must be integers [batch = ", B, "], got ", slots_in.sizes());
-  TORCH_CHECK(!at::isFloatingType(positions_in.scalar_type()) && positions_in.dim() == 2 &&
-                  positions_in.size(0) == B && positions_in.size(1) == L,
-              "cached_attention: positions must be integers [batch, length] = [", B, ", ", L, "], got ",
-              positions_in.sizes());
-  const auto slots = slots_in.to(at::kLong).contiguous();
-  const auto positions = positions_in.to(at::kLong).contiguous();
-  const int64_t* slot = slots.data_ptr<int64_t>();
-  const int64_t* position = positions.data_ptr<int64_t>();
-  int64_t last = -1;
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(slot[b] >= 0 && slot[b] < S, "cached_attention: slot ", slot[b], " of row ", b, " is not in [0, ", S,
-                ")");
-    for (int64_t t = 0; t < L; ++t) {
-      const int64_t p = position[b * L + t];
-      TORCH_CHECK(p >= 0 && p < C, "cached_attention: position ", p, " of row ", b, " is not in [0, ", C, ")");
-      last = p > last ? p : last;
-    }
-  }
-  const auto cache_type = k_cache_in.scalar_type();
-  const bool native = q_in.scalar_type() == at::kFloat && v_cache_in.scalar_type() == cache_type &&
-                      (cache_type == at::kFloat || cache_type == at::kBFloat16);
-  if (!native) {
-    // Another dtype: the rows' windows only, in fp32, each in its own slot; the answer in q's dtype.
-    const auto window = [&](const torch::Tensor& cache) {
-      return cache.slice(2, 0, last + 1).index_select(0, slots).to(at::kFloat);
-    };
-    const auto rows = torch::arange(B, slots.options());
-    return cached_attention(q_in.to(at::kFloat), window(k_cache_in), window(v_cache_in), rows, positions)
-        .to(q_in.scalar_type());
-  }
-  const auto q = q_in.contiguous();
-  auto out = torch::empty({B, L, H, D}, q.options());
-  const Shape shape{B, L, H, D, KV, C};
-  if (cache_type == at::kFloat)
-    attend<float>(shape, q.data_ptr<float>(), k_cache_in.contiguous(), v_cache_in.contiguous(), slot, position,
-                  out.data_ptr<float>());
+namespace aitune {
+
+void cached_attention(const AttentionShape& shape, const float* q, const void* k_cache, const void* v_cache,
+                      bool bf16_cache, const int64_t* slot, const int64_t* position, float* out) {
+  if (bf16_cache)
+    attend<uint16_t>(shape, q, static_cast<const uint16_t*>(k_cache), static_cast<const uint16_t*>(v_cache), slot,
+                     position, out);
   else
-    attend<uint16_t>(shape, q.data_ptr<float>(), k_cache_in.contiguous(), v_cache_in.contiguous(), slot, position,
-                     out.data_ptr<float>());
-  return out;
+    attend<float>(shape, q, static_cast<const float*>(k_cache), static_cast<const float*>(v_cache), slot, position,
+                  out);
 }
+
+}  // namespace aitune

@@ -1,6 +1,6 @@
 // Weight-only int8 and int4 matrix products for a few rows (decode steps, one-text requests, prompt chunks) on
 // CPUs. A product of few rows is bound by reading the weights, then by the instructions that multiply them.
-// Built for the CPU that runs it (-march=native, build.py):
+// Built for each instruction-set level (build.py), its paths chosen by what that level's flags define:
 // - with AMX (int8 tiles, granted by the OS): the tile unit takes the int8 weights as they lie and each
 //   activation row split in three int8 pieces (fp32's precision): int8 at any row count, int4 from 8 rows
 //   (unpacked to int8 a step at a time). See "AMX" below.
@@ -11,14 +11,12 @@
 #include "cpu_amx.h"
 #include "cpu_kernels.h"
 
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cstdint>
 #include <immintrin.h>
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
-#include <string>
 #include <vector>
 
 namespace {
@@ -463,20 +461,9 @@ inline void int4_amx(const float* offset_sums, int64_t M, int64_t K, int64_t gro
 
 }  // namespace
 
-// x fp32 [M, K], weight int8 [N, K], scale fp32 [N] -> fp32 [M, N].
-torch::Tensor int8_weight_only_mm(torch::Tensor x, torch::Tensor weight, torch::Tensor scale) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "int8_weight_only_mm: x must be fp32 [M, K]");
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.size(1) == x.size(1),
-              "int8_weight_only_mm: weight must be int8 [N, K] with x's K = ", x.size(1));
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == weight.size(0),
-              "int8_weight_only_mm: scale must be fp32 [N]");
-  x = x.contiguous(), weight = weight.contiguous(), scale = scale.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  auto out = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const int8_t* wp = weight.data_ptr<int8_t>();
-  const float* sp = scale.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+namespace aitune {
+
+void int8_mm(const float* xp, int64_t M, int64_t K, const int8_t* wp, const float* sp, int64_t N, float* op) {
   int64_t n_amx = 0;
 #if defined(AITUNE_AMX)
   if (M > 0 && K >= kAmxK && K <= kAmxMaxK && N >= 16 && aitune_amx::usable()) {
@@ -492,28 +479,11 @@ torch::Tensor int8_weight_only_mm(torch::Tensor x, torch::Tensor weight, torch::
       int8_tile<decltype(rows)::value, decltype(nb)::value>(xp + m * K, K, wp + n * K, sp + n, op + m * N + n, N);
     });
   });
-  return out;
 }
 
-// x fp32 [M, K], packed uint8 [N, K / 2], scale and offset fp32 [N, K / G] -> fp32 [M, N].
-torch::Tensor int4_weight_only_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor offset,
-                                  int64_t group_size) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "int4_weight_only_mm: x must be fp32 [M, K]");
-  TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && x.size(1) % group_size == 0,
-              "int4_weight_only_mm: group_size must be a multiple of 32 dividing K = ", x.size(1), ", got ", group_size);
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.size(1) * 2 == x.size(1),
-              "int4_weight_only_mm: packed must be uint8 [N, K / 2] with x's K = ", x.size(1));
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && offset.scalar_type() == at::kFloat &&
-                  scale.numel() == packed.size(0) * (x.size(1) / group_size) && offset.numel() == scale.numel(),
-              "int4_weight_only_mm: scale and offset must be fp32 [N, K / group_size]");
-  x = x.contiguous(), packed = packed.contiguous(), scale = scale.contiguous(), offset = offset.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), groups = K / group_size;
-  auto out = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const uint8_t* wp = packed.data_ptr<uint8_t>();
-  const float* sp = scale.data_ptr<float>();
-  const float* offp = offset.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+void int4_mm(const float* xp, int64_t M, int64_t K, const uint8_t* wp, const float* sp, const float* offp,
+             int64_t group_size, int64_t N, float* op) {
+  const int64_t groups = K / group_size;
   int64_t n_amx = 0;
 #if defined(AITUNE_AMX)
   // AMX steps take min(G, 64) inputs and must not cross a group: G = 32 or a multiple of 64.
@@ -522,9 +492,16 @@ torch::Tensor int4_weight_only_mm(torch::Tensor x, torch::Tensor packed, torch::
     n_amx = N / 16 * 16;
     const Pieces& pieces = split_rows(xp, M, K, K);
     // The offsets' share, sum_groups offset * (sum of x over the group), in fp32: [M, N].
-    const auto offset_sums = x.view({M, groups, group_size}).sum(2).matmul(offset.t()).contiguous();
+    std::vector<float> x_sums(M * groups), offset_sums(M * N);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < groups; ++g) {
+        double sum = 0.;  // a group's sum within fp32's rounding, whatever its length
+        for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) sum += xp[m * K + k];
+        x_sums[m * groups + g] = static_cast<float>(sum);
+      }
+    matmul(x_sums.data(), M, groups, offp, N, /*b_transposed=*/true, offset_sums.data());
     at::parallel_for(0, n_amx / 16, kGrain / 16, [&](int64_t b0, int64_t b1) {
-      int4_amx(offset_sums.data_ptr<float>(), M, K, group_size, wp, sp, op, N, b0 * 16, b1 * 16, pieces);
+      int4_amx(offset_sums.data(), M, K, group_size, wp, sp, op, N, b0 * 16, b1 * 16, pieces);
     });
   }
 #endif
@@ -534,11 +511,17 @@ torch::Tensor int4_weight_only_mm(torch::Tensor x, torch::Tensor packed, torch::
                                                             sp + n * groups, offp + n * groups, op + m * N + n, N);
     });
   });
-  return out;
 }
 
-// Which tiles this build runs, for the worker's ready line.
-std::string tiles() {
+bool amx_usable() {
+#if defined(AITUNE_AMX)
+  return aitune_amx::usable();
+#else
+  return false;
+#endif
+}
+
+const char* tiles() {
 #if defined(AITUNE_AMX)
   if (aitune_amx::usable()) return "AMX int8 tiles: int8 at any rows, int4 from 8 rows; AVX-512 tiles for the rest";
   return "AVX-512 tiles (built with AMX, but the OS did not grant the tile state)";
@@ -549,11 +532,13 @@ std::string tiles() {
 #endif
 }
 
-// The most rows the kernels beat a dequantize-then-matmul at (measured, 1024 x 1024 to 4096 x 4096 weights):
-// on AMX ~2.3x at 512 rows (even at ~1024); the AVX-512 tiles fall behind fp32's GEMM past ~128-256.
+// Measured, 1024 x 1024 to 4096 x 4096 weights: on AMX ~2.3x a dequantize-then-matmul at 512 rows (even at ~1024);
+// the AVX-512 tiles fall behind fp32's GEMM past ~128-256.
 int64_t max_rows() {
 #if defined(AITUNE_AMX)
   if (aitune_amx::usable()) return 512;
 #endif
   return 128;
 }
+
+}  // namespace aitune

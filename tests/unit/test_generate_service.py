@@ -368,7 +368,13 @@ def test_archive_packs_continuous_batching(tmp_path, prepared):
         config = yaml.safe_load(mar.read("model-config.yaml"))
         assert json.loads(mar.read("aitune_manifest.json"))["request"]["stream_interval"] == 3
     assert config == {"jobQueueSize": 8, "responseTimeout": 300, "continuousBatching": True, "batchSize": 4,
-                      "maxBatchDelay": 5}
+                      "maxBatchDelay": 5, "minWorkers": 1, "maxWorkers": 1}
+    own.write_text("maxWorkers: 2\n")  # TorchServe 0.12's continuous batching stalls with two workers
+    with pytest.raises(ArchiveError, match="sets maxWorkers 2: a generation archive batching continuously serves "
+                                           "with one worker"):
+        archive_model(ArchiveOptions(model_name="stalls", hf_model=prepared.folder, backend="eager", max_batch=4,
+                                     config_file=own, export_path=tmp_path))
+    assert not (tmp_path / "stalls.mar").exists()
     own.write_text("continuousBatching: false\n")  # one request at a time: nothing added
     archive_model(ArchiveOptions(model_name="plain", hf_model=prepared.folder, backend="eager", max_batch=4,
                                  config_file=own, export_path=tmp_path))

@@ -1,6 +1,6 @@
-"""The CPU kernels: built here, the weight-only products equal to dequantize-then-matmul on odd shapes, the
-attention over a KV cache equal to its gathered reference, kept whole by torch.compile, and the backend that swaps
-the products in, through its checkpoint."""
+"""The CPU kernels: every instruction-set level this CPU runs built and loaded, the weight-only products equal to
+dequantize-then-matmul on odd shapes, the attention over a KV cache equal to its gathered reference, kept whole by
+torch.compile, and the backend that swaps the products in, through its checkpoint."""
 
 import pytest
 import torch
@@ -16,9 +16,12 @@ def close(actual, expected):
     return actual.shape == expected.shape and bool(((actual - expected).abs() <= 1e-5 * scale + 1e-6).all())
 
 
-def test_the_kernels_build_for_this_cpu():
+def test_the_best_build_this_cpu_runs_is_loaded():
     assert build.native() is not None, build.failure()
-    assert build.build_name() in build.describe()
+    here = build.levels_here()
+    assert here and here[-1].name == "x86_64"  # every x86-64 CPU runs the baseline build
+    assert build.loaded().level == here[0]
+    assert f"{here[0].name} build" in build.describe() and build.native().tiles() in build.describe()
 
 
 # Rows 5 / 6, 10 / 11: where AMX needs one more tile of activations; out_features 87: pairs of 16-row blocks and
@@ -44,60 +47,55 @@ def test_int4_equals_dequantize_then_matmul(rows, in_features, out_features, gro
     assert close(ops.int4_weight_only_mm(x, packed, scale, offset, group_size).double(), expected)
 
 
-@pytest.fixture(scope="module")
-def avx2_kernels():
-    """The kernels as a CPU without AVX-512 builds them (their plain-loop tiles), compiled here for AVX2."""
-    if not torch.cpu.get_capabilities().get("avx2"):  # the build would run instructions this CPU lacks
-        pytest.skip("this CPU has no AVX2: the AVX2 build cannot run here")
-    return build.compile_kernels(["-O3", "-march=x86-64-v3", "-fopenmp"])
+TILES = {"amx": "AMX int8 tiles", "avx512": "AVX-512 tiles", "avx2": "portable tiles", "x86_64": "portable tiles"}
 
 
-@pytest.mark.parametrize("rows", [1, 2, 7, 8, 15])
-def test_the_tiles_built_without_avx512_equal_dequantize_then_matmul(avx2_kernels, rows):
-    generator = torch.Generator().manual_seed(rows)
-    weight = torch.randn(203, 320, generator=generator)
-    x = torch.randn(rows, 320, generator=generator)
-    int8 = quantize_int8(weight)
-    assert close(avx2_kernels.int8_weight_only_mm(x, *int8).double(), x.double() @ ops.dequantize_int8(*int8).double().T)
-    int4 = pack_int4(weight, 64)
-    assert close(avx2_kernels.int4_weight_only_mm(x, *int4, 64).double(),
-                 x.double() @ ops.dequantize_int4(*int4, 64).double().T)
-    attention = attention_case(rows, 1, 6, 2, 40)
-    assert close(avx2_kernels.cached_attention(*attention).double(), attention_reference(*attention))
-    bf16_cache = (attention[0], attention[1].bfloat16(), attention[2].bfloat16(), *attention[3:])
-    assert close(avx2_kernels.cached_attention(*bf16_cache).double(), attention_reference(*bf16_cache))
-
-
-def test_the_kernels_name_the_tiles_they_run():
-    """On a CPU with AMX the products run on its tile unit; the worker's ready line says which tiles run."""
-    tiles = build.native().tiles()
-    assert tiles in build.describe()
-    if torch.cpu.get_capabilities().get("amx_int8"):
-        assert tiles.startswith("AMX int8 tiles")
-
-
-@pytest.fixture(scope="module")
-def avx512_kernels():
-    """The kernels as an AVX-512 CPU without AMX builds them, compiled here with AMX switched off."""
-    capabilities = torch.cpu.get_capabilities()
-    if not capabilities.get("amx_int8"):
-        pytest.skip("this CPU has no AMX: the native build already runs the AVX-512 tiles, tested above")
-    return build.compile_kernels(["-O3", "-march=native", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16",
-                                  "-fopenmp"])
-
-
-@pytest.mark.parametrize("rows", [1, 3, 8, 16, 40])
-def test_the_tiles_built_without_amx_equal_dequantize_then_matmul(avx512_kernels, rows):
-    assert avx512_kernels.tiles() == "AVX-512 tiles"
+@pytest.mark.parametrize("level", build.levels_here(), ids=lambda level: level.name)
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 15, 40])
+def test_every_build_this_cpu_runs_equals_dequantize_then_matmul(level, rows):
+    """Each level's build as a CPU of that level runs it (the AVX-512 tiles where AMX is switched off, the portable
+    loops without AVX-512, compiled for AVX2 and for any x86-64)."""
+    kernels = build.load_level(level.name)
+    granted = level.name != "amx" or kernels.tiles().startswith("AMX")  # the OS may not grant AMX's tiles
+    assert kernels.tiles().startswith(TILES[level.name] if granted else "AVX-512 tiles")
     generator = torch.Generator().manual_seed(rows)
     weight = torch.randn(203, 4096 + 64, generator=generator)
     x = torch.randn(rows, 4096 + 64, generator=generator)
     int8 = quantize_int8(weight)
-    assert close(avx512_kernels.int8_weight_only_mm(x, *int8).double(),
-                 x.double() @ ops.dequantize_int8(*int8).double().T)
+    assert close(kernels.int8_weight_only_mm(x, *int8).double(), x.double() @ ops.dequantize_int8(*int8).double().T)
     int4 = pack_int4(weight, 64)
-    assert close(avx512_kernels.int4_weight_only_mm(x, *int4, 64).double(),
+    assert close(kernels.int4_weight_only_mm(x, *int4, 64).double(),
                  x.double() @ ops.dequantize_int4(*int4, 64).double().T)
+    for length in (1, 9):  # decode rows in loops; prompt chunks in two GEMMs
+        attention = attention_case(rows, length, 6, 2, 40)
+        assert close(kernels.cached_attention(*attention).double(), attention_reference(*attention))
+        bf16_cache = (attention[0], attention[1].bfloat16(), attention[2].bfloat16(), *attention[3:])
+        assert close(kernels.cached_attention(*bf16_cache).double(), attention_reference(*bf16_cache))
+
+
+AVX2_ONLY = {name: True for name in ("avx", "avx2", "fma3", "bmi", "bmi2", "f16c", "lzcnt")}
+AVX512 = {**AVX2_ONLY, **{f"avx512_{name}": True for name in ("f", "bw", "vl", "dq", "cd", "vnni", "bf16")}}
+
+
+@pytest.mark.parametrize("features, levels", [
+    ({}, ["x86_64"]), (AVX2_ONLY, ["avx2", "x86_64"]), (AVX512, ["avx512", "avx2", "x86_64"]),
+    ({**AVX512, "amx_tile": True, "amx_int8": True, "amx_bf16": True}, ["amx", "avx512", "avx2", "x86_64"]),
+    ({**AVX2_ONLY, "avx512_f": True}, ["avx2", "x86_64"])], ids=["sse", "avx2", "avx512", "amx", "avx512f-only"])
+def test_a_cpu_runs_the_levels_whose_features_it_has(features, levels):
+    assert [level.name for level in build.levels_here(features)] == levels
+
+
+def test_a_level_the_cpu_cannot_run_is_refused_and_the_switch_names_what_it_takes(monkeypatch):
+    monkeypatch.setattr(build, "cpu_features", lambda: dict(AVX2_ONLY))
+    with pytest.raises(ValueError, match="this CPU cannot run the avx512 build of the kernels"):
+        build.load_level("avx512")
+    monkeypatch.setenv(build.SWITCH, "avx512")
+    with pytest.raises(build.KernelBuildError, match="AITUNE_CPU_KERNELS=avx512: this CPU cannot run that build"):
+        build.choose()
+    monkeypatch.setenv(build.SWITCH, "sse9")
+    with pytest.raises(build.KernelBuildError, match="'sse9' is no level: expected one of amx, avx512, avx2, x86_64 "
+                                                     "or torch"):
+        build.choose()
 
 
 AMX = build.native() is not None and build.native().tiles().startswith("AMX")

@@ -69,3 +69,24 @@ def v2_outputs(response) -> dict[str, np.ndarray]:
             arrays[output["name"]] = np.frombuffer(body[offset:offset + size], dtype=dtype).reshape(output["shape"])
             offset += size
     return arrays
+
+
+def assert_answers_close(actual, expected, rtol=1e-5, atol=1e-6):
+    """Two JSON answers alike: the same structure and non-float values, floats within float32's rounding.
+
+    Requests that share a batch run in one ``infer``: a float32 GEMM may round a row differently with its position in
+    the batch (another blocking of the sum, seen in the 7th significant digit on an AVX-512 CPU without AMX), so
+    answers computed in different batches are equal to float32's precision, not bit for bit.
+    """
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and actual.keys() == expected.keys(), (actual, expected)
+        for key in expected:
+            assert_answers_close(actual[key], expected[key], rtol, atol)
+    elif isinstance(expected, list):
+        assert isinstance(actual, list) and len(actual) == len(expected), (actual, expected)
+        for got, wanted in zip(actual, expected):
+            assert_answers_close(got, wanted, rtol, atol)
+    elif isinstance(expected, float):
+        assert isinstance(actual, float) and np.isclose(actual, expected, rtol=rtol, atol=atol), (actual, expected)
+    else:
+        assert actual == expected and type(actual) is type(expected), (actual, expected)
